@@ -1,0 +1,105 @@
+"""How fastbn compiles its kernels, and when it may run them in parallel.
+
+Every kernel is compiled twice from one Python function: a parallel twin and a serial twin.
+The serial twin serves inputs too small to pay for a parallel-region launch, and processes
+forked from a parent whose GNU OpenMP pool is live (such a child is killed the moment it
+enters a parallel region). Both twins walk the same fixed work partition and merge in the
+same order, so they give bitwise identical results.
+
+Nothing here changes a global Numba setting: the threading layer stays whatever the host
+application (or Numba's own default) chose.
+"""
+
+import os
+import types
+from contextlib import contextmanager
+
+import numba
+from numba import njit
+
+# Reassociation lets LLVM vectorize the float64 reductions with several accumulators and
+# contraction lets it use FMA. nnan/ninf are left out on purpose: NaN and inf in the input must
+# propagate exactly as they do in PyTorch.
+FASTMATH = {"reassoc", "contract", "nsz"}
+
+# Below this many elements a parallel-region launch costs more than the work itself.
+SERIAL_BELOW_ELEMENTS = 1 << 15
+
+_forked_child = False
+
+
+def _mark_forked_child():
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked_child)
+
+
+class KernelPair:
+    """A parallel and a serial compilation of one kernel function."""
+
+    __slots__ = ("parallel", "serial", "__name__")
+
+    def __init__(self, py_func):
+        # Numba keys its on-disk cache by qualified name only, not by compile flags, so the
+        # serial twin needs a name of its own or the two would overwrite each other's cache.
+        serial_func = types.FunctionType(
+            py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial",
+            py_func.__defaults__, py_func.__closure__,
+        )
+        serial_func.__qualname__ = py_func.__qualname__ + "_serial"
+        serial_func.__doc__ = py_func.__doc__
+        self.parallel = njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)(py_func)
+        self.serial = njit(parallel=False, cache=True, nogil=True, fastmath=FASTMATH)(serial_func)
+        self.__name__ = py_func.__name__
+
+    def select(self, n_elements):
+        """The twin to run for a tensor of n_elements."""
+        if n_elements < SERIAL_BELOW_ELEMENTS or not parallel_is_safe():
+            return self.serial
+        return self.parallel
+
+
+def parallel_kernel(py_func):
+    """Decorator: compile py_func as a KernelPair (lazily, on first call of each twin)."""
+    return KernelPair(py_func)
+
+
+def helper(py_func):
+    """Decorator for small inner functions that kernels call; LLVM inlines them."""
+    return njit(cache=True, nogil=True, fastmath=FASTMATH)(py_func)
+
+
+def parallel_is_safe():
+    """False in a child forked from a process whose GNU OpenMP pool had already started.
+
+    GNU OpenMP cannot survive fork(): Numba aborts such a child when it next enters a parallel
+    region. TBB and the workqueue layer are fork-safe, and a child forked before any parallel
+    kernel ran starts its pool from scratch, so only this one case needs the serial twins.
+    """
+    if not _forked_child:
+        return True
+    from numba.np.ufunc import parallel as _parallel
+
+    if not _parallel._is_initialized:
+        return True
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        return True
+    # Intel's OpenMP is fork-safe, but Numba does not say which vendor it loaded; staying
+    # serial in this rare case costs speed, never correctness.
+    return layer != "omp"
+
+
+@contextmanager
+def num_threads(n):
+    """Run a block with n Numba threads, restoring the previous count afterwards."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)

@@ -1,0 +1,252 @@
+"""Channels-last kernels on a flat view of a (rows, C) array: value j belongs to channel j % C.
+
+Rows are cut into fixed blocks of `block_rows` rows, and every block keeps its own partials in
+a (n_blocks, 4, W) float64 workspace. Inner loops run over W = C * reps "lanes", where reps is
+chosen so that W is a multiple of the SIMD width: lane k always holds channel k % C, so the loop
+vectorizes across rows even for C = 3. After a block's lanes are folded per channel, blocks are
+merged in index order, which makes results independent of the thread count.
+
+Kernels do no validation and allocate nothing: the caller passes every buffer.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import helper, parallel_kernel
+from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, inverse_std,
+                       set_affine_coefficients)
+
+
+@helper
+def block_bounds(b, block_rows, n_rows, n_channels):
+    """Flat [start, end) of block b."""
+    r0 = b * block_rows
+    return r0 * n_channels, min(n_rows, r0 + block_rows) * n_channels
+
+
+@helper
+def block_moments(xf, n_channels, start, end, lanes):
+    """Per-channel (mean, M2) of one block of rows, left in lanes[0, :C] and lanes[1, :C].
+
+    lanes is the block's (4, W) workspace: row 0 holds each lane's shift (the block's first
+    row), row 1 the pass-1 sums, row 2 the tiled mean offsets, row 3 the pass-2 sums.
+    """
+    width = lanes.shape[1]
+    reps = width // n_channels
+    n_rows = (end - start) // n_channels
+    for k in range(width):
+        lanes[0, k] = np.float64(xf[start + k % n_channels])
+        lanes[1, k] = 0.0
+        lanes[3, k] = 0.0
+    j = start
+    while j + width <= end:
+        for k in range(width):
+            lanes[1, k] += np.float64(xf[j + k]) - lanes[0, k]
+        j += width
+    for k in range(end - j):
+        lanes[1, k] += np.float64(xf[j + k]) - lanes[0, k]
+    for c in range(n_channels):
+        total = 0.0
+        for q in range(reps):
+            total += lanes[1, q * n_channels + c]
+        offset = total / n_rows
+        for q in range(reps):
+            lanes[2, q * n_channels + c] = offset
+    j = start
+    while j + width <= end:
+        for k in range(width):
+            deviation = (np.float64(xf[j + k]) - lanes[0, k]) - lanes[2, k]
+            lanes[3, k] += deviation * deviation
+        j += width
+    for k in range(end - j):
+        deviation = (np.float64(xf[j + k]) - lanes[0, k]) - lanes[2, k]
+        lanes[3, k] += deviation * deviation
+    for c in range(n_channels):
+        m2 = 0.0
+        for q in range(reps):
+            m2 += lanes[3, q * n_channels + c]
+        lanes[0, c] = lanes[0, c] + lanes[2, c]
+        lanes[1, c] = m2
+
+
+@helper
+def merge_block_partials(ws, c, block_rows, n_rows):
+    """Merge channel c's block partials in block order: (count, mean, M2)."""
+    count = np.float64(min(block_rows, n_rows))
+    mean = ws[0, 0, c]
+    m2 = ws[0, 1, c]
+    for b in range(1, ws.shape[0]):
+        rows_b = np.float64(min(n_rows, (b + 1) * block_rows) - b * block_rows)
+        count, mean, m2 = chan_merge(count, mean, m2, rows_b, ws[b, 0, c], ws[b, 1, c])
+    return count, mean, m2
+
+
+@helper
+def tile_lanes(coef, coef_lanes, n_channels):
+    for i in range(coef_lanes.shape[0]):
+        for k in range(coef_lanes.shape[1]):
+            coef_lanes[i, k] = coef[i, k % n_channels]
+
+
+@helper
+def affine_block(xf, yf, start, end, coef_lanes):
+    width = coef_lanes.shape[1]
+    j = start
+    while j + width <= end:
+        for k in range(width):
+            yf[j + k] = (xf[j + k] - coef_lanes[0, k]) * coef_lanes[1, k] + coef_lanes[2, k]
+        j += width
+    for k in range(end - j):
+        yf[j + k] = (xf[j + k] - coef_lanes[0, k]) * coef_lanes[1, k] + coef_lanes[2, k]
+
+
+@helper
+def grad_sums_block(dyf, xf, start, end, coef_lanes, lanes):
+    """Lane sums of dy and dy * (x - shift) into lanes[0] and lanes[1]."""
+    width = coef_lanes.shape[1]
+    for k in range(width):
+        lanes[0, k] = 0.0
+        lanes[1, k] = 0.0
+    j = start
+    while j + width <= end:
+        for k in range(width):
+            g = np.float64(dyf[j + k])
+            lanes[0, k] += g
+            lanes[1, k] += g * np.float64(xf[j + k] - coef_lanes[0, k])
+        j += width
+    for k in range(end - j):
+        g = np.float64(dyf[j + k])
+        lanes[0, k] += g
+        lanes[1, k] += g * np.float64(xf[j + k] - coef_lanes[0, k])
+
+
+@helper
+def sum_block_lanes(ws, c, n_channels):
+    """Channel c's total of lanes rows 0 and 1 over all blocks, in a fixed order."""
+    reps = ws.shape[2] // n_channels
+    total_a = 0.0
+    total_b = 0.0
+    for b in range(ws.shape[0]):
+        for q in range(reps):
+            total_a += ws[b, 0, q * n_channels + c]
+            total_b += ws[b, 1, q * n_channels + c]
+    return total_a, total_b
+
+
+@parallel_kernel
+def moments_nhwc(xf, n_channels, block_rows, ws, count, mean, m2):
+    """Per-channel (count, mean, M2) of x: the partials a cross-process merge exchanges."""
+    n_rows = xf.shape[0] // n_channels
+    for b in prange(ws.shape[0]):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        block_moments(xf, n_channels, start, end, ws[b])
+    for c in prange(n_channels):
+        count[c], mean[c], m2[c] = merge_block_partials(ws, c, block_rows, n_rows)
+
+
+@parallel_kernel
+def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, running_mean,
+                       running_var, block_rows, ws, save_mean, save_invstd, coef, coef_lanes, yf):
+    n_rows = xf.shape[0] // n_channels
+    n_blocks = ws.shape[0]
+    for b in prange(n_blocks):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        block_moments(xf, n_channels, start, end, ws[b])
+    for c in prange(n_channels):
+        count, mean, m2 = merge_block_partials(ws, c, block_rows, n_rows)
+        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
+                             weight, bias, save_mean, save_invstd, coef)
+    tile_lanes(coef, coef_lanes, n_channels)
+    for b in prange(n_blocks):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        affine_block(xf, yf, start, end, coef_lanes)
+
+
+@parallel_kernel
+def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, eps, block_rows,
+                      coef, coef_lanes, yf):
+    n_rows = xf.shape[0] // n_channels
+    n_blocks = (n_rows + block_rows - 1) // block_rows
+    for c in range(n_channels):
+        invstd = inverse_std(np.float64(running_var[c]), eps)
+        set_affine_coefficients(coef, c, np.float64(running_mean[c]), invstd,
+                                np.float64(weight[c]), np.float64(bias[c]))
+    tile_lanes(coef, coef_lanes, n_channels)
+    for b in prange(n_blocks):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        affine_block(xf, yf, start, end, coef_lanes)
+
+
+@helper
+def grad_input_block(dyf, xf, dxf, start, end, coef_lanes):
+    width = coef_lanes.shape[1]
+    j = start
+    while j + width <= end:
+        for k in range(width):
+            dxf[j + k] = (dyf[j + k] * coef_lanes[1, k] + (xf[j + k] - coef_lanes[0, k])
+                          * coef_lanes[2, k] + coef_lanes[3, k])
+        j += width
+    for k in range(end - j):
+        dxf[j + k] = (dyf[j + k] * coef_lanes[1, k] + (xf[j + k] - coef_lanes[0, k])
+                      * coef_lanes[2, k] + coef_lanes[3, k])
+
+
+@parallel_kernel
+def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, block_rows, ws, coef,
+                        coef_lanes, grad_weight, grad_bias, dxf):
+    n_rows = xf.shape[0] // n_channels
+    n_blocks = ws.shape[0]
+    count = np.float64(n_rows)
+    for c in range(n_channels):
+        coef[0, c] = save_mean[c]
+    tile_lanes(coef, coef_lanes, n_channels)
+    for b in prange(n_blocks):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        grad_sums_block(dyf, xf, start, end, coef_lanes, ws[b])
+    for c in prange(n_channels):
+        sum_dy, sum_dy_dev = sum_block_lanes(ws, c, n_channels)
+        finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
+                            grad_weight, grad_bias, coef)
+    tile_lanes(coef, coef_lanes, n_channels)
+    for b in prange(n_blocks):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        grad_input_block(dyf, xf, dxf, start, end, coef_lanes)
+
+
+@helper
+def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes):
+    width = coef_lanes.shape[1]
+    for k in range(width):
+        lanes[0, k] = 0.0
+        lanes[1, k] = 0.0
+    j = start
+    while j + width <= end:
+        for k in range(width):
+            g = dyf[j + k]
+            dxf[j + k] = g * coef_lanes[1, k]
+            lanes[0, k] += np.float64(g)
+            lanes[1, k] += np.float64(g) * np.float64(xf[j + k] - coef_lanes[0, k])
+        j += width
+    for k in range(end - j):
+        g = dyf[j + k]
+        dxf[j + k] = g * coef_lanes[1, k]
+        lanes[0, k] += np.float64(g)
+        lanes[1, k] += np.float64(g) * np.float64(xf[j + k] - coef_lanes[0, k])
+
+
+@parallel_kernel
+def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, block_rows, ws, coef, coef_lanes,
+                       grad_weight, grad_bias, dxf):
+    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass."""
+    n_rows = xf.shape[0] // n_channels
+    for c in range(n_channels):
+        coef[0, c] = mean[c]
+        coef[1, c] = np.float64(weight[c]) * invstd[c]
+    tile_lanes(coef[:2], coef_lanes[:2], n_channels)
+    for b in prange(ws.shape[0]):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        eval_grad_block(dyf, xf, dxf, start, end, coef_lanes[:2], ws[b])
+    for c in prange(n_channels):
+        sum_dy, sum_dy_dev = sum_block_lanes(ws, c, n_channels)
+        grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
+        grad_bias[c] = sum_dy

@@ -1,0 +1,344 @@
+"""Batch normalization as functions on NumPy arrays, with PyTorch's semantics.
+
+This layer validates, builds kernel views and dispatches; the kernels do the arithmetic.
+Everything is checked before the first kernel runs, so a call that raises changes nothing.
+
+Statistics are float64 for float32 and float64 input alike. Saved statistics (``save_mean``,
+``save_invstd``) are float64 arrays of shape (C,).
+"""
+
+import numba
+import numpy as np
+
+from . import _kernels_nchw as planes
+from . import _kernels_nhwc as rows
+from ._layout import plan_for, workspace_for
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "channel_moments",
+           "merge_moments"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ones = {}
+_zeros = {}
+
+
+# ----------------------------------------------------------------------------- validation
+
+def as_float_array(x, name="x"):
+    """x as a float32/float64 ndarray, or a TypeError that says what was wrong."""
+    if type(x) is not np.ndarray:
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array of float32 or float64 values; "
+                            f"np.asarray failed: {exc}") from None
+    if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype == np.float16:
+            raise TypeError(f"{name} has dtype float16, which fastbn does not support; "
+                            "convert it with x.astype(np.float32)")
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_channels(x, num_channels, channels_last, name="x"):
+    """Raise ValueError unless x is (N, C, ...) or (N, ..., C) with C == num_channels."""
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), got shape "
+                         f"{x.shape}")
+    got = x.shape[-1] if channels_last else x.shape[1]
+    if got != num_channels:
+        axis = "last" if channels_last else "1"
+        raise ValueError(f"{name} has {got} channels (axis {axis}) but {num_channels} were "
+                         f"expected; shape {x.shape}")
+
+
+def check_batch_size(x, plan):
+    if plan.count == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {x.shape}")
+
+
+def _contiguous(x):
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def _channel_vector(v, n_channels, name, writeable=False):
+    if v is None:
+        return None
+    if type(v) is not np.ndarray or v.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32 or float64 ndarray of shape "
+                        f"({n_channels},), got {type(v).__name__}"
+                        + (f" of dtype {v.dtype}" if isinstance(v, np.ndarray) else ""))
+    if v.shape != (n_channels,):
+        raise ValueError(f"{name} must have shape ({n_channels},), got {v.shape}")
+    if writeable and not (v.flags.writeable and v.flags.c_contiguous):
+        raise ValueError(f"{name} is updated in place, so it must be writeable and contiguous")
+    return v
+
+
+def _output(out, x, name="out"):
+    """out validated against x, or a new C-contiguous array like x."""
+    if out is None:
+        return np.empty(x.shape, x.dtype)
+    if type(out) is not np.ndarray:
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"{name} must have shape {x.shape} and dtype {x.dtype}, got shape "
+                         f"{out.shape} and dtype {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{name} must be C-contiguous and writeable")
+    return out
+
+
+def check_no_overlap(out, x, out_name, x_name, allow_same=False):
+    """Reject an out that overlaps x partially; an exact alias is elementwise-safe."""
+    if out is x or not np.may_share_memory(out, x):
+        if out is x and not allow_same:
+            raise ValueError(f"{out_name} must not be {x_name}: {x_name} is needed intact")
+        return
+    same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+            and out.strides == x.strides)
+    if same and allow_same:
+        return
+    if same or np.shares_memory(out, x):
+        raise ValueError(f"{out_name} overlaps {x_name} in memory, which would corrupt the "
+                         "result; pass a separate buffer")
+
+
+def _params(weight, bias, n_channels, dtype):
+    if weight is None:
+        weight = _ones.get((n_channels, dtype))
+        if weight is None:
+            weight = _ones[(n_channels, dtype)] = np.ones(n_channels, dtype)
+    if bias is None:
+        bias = _zeros.get((n_channels, dtype))
+        if bias is None:
+            bias = _zeros[(n_channels, dtype)] = np.zeros(n_channels, dtype)
+    return weight, bias
+
+
+def _check_eps(eps):
+    eps = float(eps)
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be a non-negative number, got {eps}")
+    return eps
+
+
+def _check_momentum(momentum):
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return momentum
+
+
+def running_invstd(running_var, eps):
+    """float64 1/sqrt(running_var + eps), with PyTorch's 0 where both are 0."""
+    var = running_var.astype(np.float64) + eps
+    with np.errstate(divide="ignore"):
+        return np.where(var == 0.0, 0.0, 1.0 / np.sqrt(var))
+
+
+def _schedule_by_channel(plan):
+    # Whole channels per thread pay off when there are enough of them to balance the load.
+    return plan.n_channels >= 4 * numba.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- forward
+
+def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None,
+                       running_var=None, momentum=0.1, channels_last=False, out=None):
+    """Training-mode forward: normalize x with its own batch statistics.
+
+    Returns ``(y, save_mean, save_invstd)``; the saved float64 statistics are what
+    :func:`batch_norm_backward` takes. When ``running_mean`` and ``running_var`` are given they
+    are updated in place: ``running = (1 - momentum) * running + momentum * batch``, with the
+    unbiased batch variance for ``running_var``, as PyTorch does.
+    """
+    x = as_float_array(x)
+    n_channels = x.shape[-1 if channels_last else 1] if x.ndim >= 2 else 0
+    check_channels(x, n_channels, channels_last)
+    weight = _channel_vector(weight, n_channels, "weight")
+    bias = _channel_vector(bias, n_channels, "bias")
+    update = running_mean is not None or running_var is not None
+    if update:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given together")
+        running_mean = _channel_vector(running_mean, n_channels, "running_mean", writeable=True)
+        running_var = _channel_vector(running_var, n_channels, "running_var", writeable=True)
+    eps = _check_eps(eps)
+    momentum = _check_momentum(momentum)
+    plan = plan_for(x.shape, channels_last)
+    if plan.count == 0:
+        raise ValueError(f"cannot compute batch statistics of an empty batch, shape {x.shape}")
+    check_batch_size(x, plan)
+    x = _contiguous(x)
+    y = _output(out, x)
+    check_no_overlap(y, x, "out", "x", allow_same=True)
+    weight, bias = _params(weight, bias, n_channels, x.dtype)
+    if not update:
+        running_mean = running_var = weight  # never written: the kernel's update flag is off
+    save_mean = np.empty(n_channels, np.float64)
+    save_invstd = np.empty(n_channels, np.float64)
+    ws = workspace_for(plan, x.dtype)
+    if plan.kind == "planes":
+        pair = (planes.train_forward_nchw_by_channel if _schedule_by_channel(plan)
+                else planes.train_forward_nchw_by_block)
+        pair.select(x.size)(plan.view(x), weight, bias, eps, momentum, update, running_mean,
+                            running_var, plan.chunk, ws.part_a, ws.part_b, save_mean,
+                            save_invstd, ws.coef, plan.view(y))
+    else:
+        rows.train_forward_nhwc.select(x.size)(
+            plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
+            running_var, plan.block_rows, ws.lanes, save_mean, save_invstd, ws.coef,
+            ws.coef_lanes, plan.view(y))
+    return y, save_mean, save_invstd
+
+
+def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out):
+    plan = plan_for(x.shape, channels_last)
+    x = _contiguous(x)
+    y = _output(out, x)
+    check_no_overlap(y, x, "out", "x", allow_same=True)
+    if x.size == 0:
+        return y
+    weight, bias = _params(weight, bias, plan.n_channels, x.dtype)
+    ws = workspace_for(plan, x.dtype)
+    if plan.kind == "planes":
+        planes.eval_forward_nchw.select(x.size)(plan.view(x), running_mean, running_var, weight,
+                                                bias, eps, plan.chunk, ws.coef, plan.view(y))
+    else:
+        rows.eval_forward_nhwc.select(x.size)(plan.view(x), plan.n_channels, running_mean,
+                                              running_var, weight, bias, eps, plan.block_rows,
+                                              ws.coef, ws.coef_lanes[:3], plan.view(y))
+    return y
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, channels_last=False, out=None):
+    """Mirror of ``torch.nn.functional.batch_norm`` for NumPy arrays.
+
+    With ``training=True`` the batch statistics normalize x and the running buffers (when not
+    None) are updated in place. With ``training=False`` the running statistics normalize x.
+    """
+    if training:
+        return batch_norm_forward(x, weight, bias, eps, running_mean=running_mean,
+                                  running_var=running_var, momentum=momentum,
+                                  channels_last=channels_last, out=out)[0]
+    x = as_float_array(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    n_channels = x.shape[-1 if channels_last else 1]
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    running_mean = _channel_vector(running_mean, n_channels, "running_mean")
+    running_var = _channel_vector(running_var, n_channels, "running_var")
+    weight = _channel_vector(weight, n_channels, "weight")
+    bias = _channel_vector(bias, n_channels, "bias")
+    return _eval_forward(x, running_mean, running_var, weight, bias, _check_eps(eps),
+                         channels_last, out)
+
+
+# ----------------------------------------------------------------------------- backward
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, channels_last=False,
+                        out=None):
+    """Gradients of batch normalization: ``(dx, grad_weight, grad_bias)``.
+
+    With ``training=True``, ``mean`` and ``invstd`` are the ``save_mean`` / ``save_invstd`` of
+    :func:`batch_norm_forward` and dx flows through the batch statistics. With
+    ``training=False`` they are the running mean and ``1 / sqrt(running_var + eps)`` and dx is
+    the gradient of a fixed affine map. grad_weight is ``sum(dy * (x - mean)) * invstd`` and
+    grad_bias is ``sum(dy)``, both per channel; they have weight's dtype (x's if weight is None).
+    """
+    x = as_float_array(x)
+    dy = as_float_array(dy, "dy")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    n_channels = x.shape[-1 if channels_last else 1]
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of x, {x.dtype}, got {dy.dtype}")
+    mean = _channel_vector(mean, n_channels, "mean")
+    invstd = _channel_vector(invstd, n_channels, "invstd")
+    weight = _channel_vector(weight, n_channels, "weight")
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    plan = plan_for(x.shape, channels_last)
+    x = _contiguous(x)
+    dy = _contiguous(dy)
+    dx = _output(out, x)
+    check_no_overlap(dx, x, "out", "x")
+    check_no_overlap(dx, dy, "out", "dy", allow_same=True)
+    grad_weight = np.zeros(n_channels, param_dtype)
+    grad_bias = np.zeros(n_channels, param_dtype)
+    if x.size == 0:
+        return dx, grad_weight, grad_bias
+    weight, _ = _params(weight, None, n_channels, x.dtype)
+    mean = mean.astype(np.float64, copy=False)
+    invstd = invstd.astype(np.float64, copy=False)
+    ws = workspace_for(plan, x.dtype)
+    if plan.kind == "planes":
+        if training:
+            pair = (planes.train_backward_nchw_by_channel if _schedule_by_channel(plan)
+                    else planes.train_backward_nchw_by_block)
+        else:
+            pair = planes.eval_backward_nchw
+        pair.select(x.size)(plan.view(dy), plan.view(x), mean, invstd, weight, plan.chunk,
+                            ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, plan.view(dx))
+    else:
+        pair = rows.train_backward_nhwc if training else rows.eval_backward_nhwc
+        pair.select(x.size)(plan.view(dy), plan.view(x), n_channels, mean, invstd, weight,
+                            plan.block_rows, ws.lanes, ws.coef, ws.coef_lanes, grad_weight,
+                            grad_bias, plan.view(dx))
+    return dx, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- moments
+
+def channel_moments(x, *, channels_last=False):
+    """Per-channel ``(count, mean, m2)`` of x in float64, ``m2 = sum((x - mean)**2)``.
+
+    These are the mergeable partials a cross-process SyncBatchNorm exchanges; combine them with
+    :func:`merge_moments`. ``count`` is an array of shape (C,) like the others.
+    """
+    x = as_float_array(x)
+    n_channels = x.shape[-1 if channels_last else 1] if x.ndim >= 2 else 0
+    check_channels(x, n_channels, channels_last)
+    plan = plan_for(x.shape, channels_last)
+    if plan.count == 0:
+        raise ValueError(f"cannot compute moments of an empty batch, shape {x.shape}")
+    x = _contiguous(x)
+    count = np.empty(n_channels, np.float64)
+    mean = np.empty(n_channels, np.float64)
+    m2 = np.empty(n_channels, np.float64)
+    ws = workspace_for(plan, x.dtype)
+    if plan.kind == "planes":
+        planes.moments_nchw.select(x.size)(plan.view(x), plan.chunk, ws.part_a, ws.part_b, count,
+                                           mean, m2)
+    else:
+        rows.moments_nhwc.select(x.size)(plan.view(x), n_channels, plan.block_rows, ws.lanes,
+                                         count, mean, m2)
+    return count, mean, m2
+
+
+def merge_moments(counts, means, m2s):
+    """Merge stacked partials of shape (k, C), row 0 first, into one ``(count, mean, m2)``.
+
+    The fixed order makes the result independent of which process computed which row.
+    """
+    counts = np.asarray(counts, np.float64)
+    means = np.asarray(means, np.float64)
+    m2s = np.asarray(m2s, np.float64)
+    if not (counts.shape == means.shape == m2s.shape) or counts.ndim != 2 or len(counts) == 0:
+        raise ValueError("counts, means and m2s must be equal-shaped (k, C) arrays with k >= 1, "
+                         f"got {counts.shape}, {means.shape}, {m2s.shape}")
+    count, mean, m2 = counts[0].copy(), means[0].copy(), m2s[0].copy()
+    for count_b, mean_b, m2_b in zip(counts[1:], means[1:], m2s[1:]):
+        total = count + count_b
+        delta = mean_b - mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight_b = np.where(total > 0, count_b / total, 0.0)
+        mean = mean + delta * weight_b
+        m2 = m2 + m2_b + delta * delta * count * weight_b
+        count = total
+    return count, mean, m2

@@ -1,0 +1,201 @@
+"""BatchNorm1d/2d/3d: parameters, running statistics, train/eval modes, saved tensors.
+
+The modules follow torch.nn.BatchNorm{1,2,3}d exactly, on NumPy arrays, with an explicit
+``backward(dy)`` in place of autograd. The arithmetic lives in :mod:`fastbn.functional`.
+"""
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class _BatchNorm:
+    _ndims = ()
+    _shape_doc = ("", "")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, channels_last=False, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be at least 1, got {num_features}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = F._check_eps(eps)
+        self.momentum = None if momentum is None else F._check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.channels_last = bool(channels_last)
+        self.dtype = dtype
+        self.training = True
+        if self.affine:
+            self.weight = np.ones(self.num_features, dtype)
+            self.bias = np.zeros(self.num_features, dtype)
+        else:
+            self.weight = self.bias = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(self.num_features, dtype)
+            self.running_var = np.ones(self.num_features, dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.grad_weight = self.grad_bias = None
+        self._saved = None
+
+    # ------------------------------------------------------------------ modes and state
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            self.weight[...] = 1
+            self.bias[...] = 0
+
+    def state_dict(self):
+        """torch's key names, each only where the module has it; arrays are copies."""
+        state = {}
+        for key in _STATE_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                state[key] = value.copy() if isinstance(value, np.ndarray) else np.int64(value)
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Load arrays (or anything np.asarray accepts, such as torch tensors' .numpy()).
+
+        Keys must match state_dict()'s exactly and shapes must be (num_features,); nothing
+        is changed unless every entry is valid.
+        """
+        expected = set(self.state_dict())
+        given = set(state_dict)
+        if given != expected:
+            missing = sorted(expected - given)
+            unexpected = sorted(given - expected)
+            raise KeyError(f"state_dict keys do not match: missing {missing}, "
+                           f"unexpected {unexpected}")
+        staged = {}
+        for key in expected:
+            value = np.asarray(state_dict[key])
+            if key == "num_batches_tracked":
+                if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+                    raise ValueError(f"num_batches_tracked must be an integer scalar, got "
+                                     f"{value.dtype} of shape {value.shape}")
+                staged[key] = int(value)
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"{key} must have shape ({self.num_features},), got "
+                                 f"{value.shape}")
+            if not np.issubdtype(value.dtype, np.floating):
+                raise TypeError(f"{key} must hold floating-point values, got {value.dtype}")
+            staged[key] = value
+        for key, value in staged.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                getattr(self, key)[...] = value
+
+    def __repr__(self):
+        text = (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+        if self.channels_last:
+            text += ", channels_last=True"
+        return text + ")"
+
+    # ------------------------------------------------------------------ compute
+
+    def _check_input(self, x):
+        x = F.as_float_array(x)
+        if x.ndim not in self._ndims:
+            layout = "channels_last" if self.channels_last else "channels_first"
+            raise ValueError(f"{type(self).__name__} ({layout}) expects input of shape "
+                             f"{self._shape_doc[self.channels_last]}, got {x.ndim}D input of shape {x.shape}")
+        F.check_channels(x, self.num_features, self.channels_last)
+        return x
+
+    def forward(self, x, out=None):
+        x = self._check_input(x)
+        if out is not None:
+            # backward needs x as it was, so the module never writes over it.
+            F.check_no_overlap(F._output(out, x), x, "out", "x")
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            update = self.training and self.track_running_stats
+            factor = 0.0
+            if update:
+                factor = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
+                          else self.momentum)
+            y, mean, invstd = F.batch_norm_forward(
+                x, self.weight, self.bias, self.eps,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None,
+                momentum=factor, channels_last=self.channels_last, out=out)
+            if update:
+                self.num_batches_tracked += 1
+        else:
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             False, 0.0, self.eps, channels_last=self.channels_last, out=out)
+            # Like autograd, keep the buffers themselves; invstd is derived in backward.
+            mean, invstd = self.running_mean, self.running_var
+        self._saved = (x, mean, invstd, use_batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy, out=None):
+        """dx for the last forward; sets grad_weight and grad_bias (None without affine)."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before forward(): there is nothing to "
+                               "differentiate")
+        x, mean, invstd, use_batch_stats = self._saved
+        if not use_batch_stats:
+            mean, invstd = mean.astype(np.float64), F.running_invstd(invstd, self.eps)
+        dy = F.as_float_array(dy, "dy")
+        if dy.shape != x.shape:
+            raise ValueError(f"dy must have the shape of the last forward input, {x.shape}, "
+                             f"got {dy.shape}")
+        dx, grad_weight, grad_bias = F.batch_norm_backward(
+            dy, x, mean, invstd, self.weight, training=use_batch_stats,
+            channels_last=self.channels_last, out=out)
+        if self.affine:
+            self.grad_weight, self.grad_bias = grad_weight, grad_bias
+        return dx
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over (N, C) or (N, C, L); channels_last: (N, C) or (N, L, C)."""
+
+    _ndims = (2, 3)
+    _shape_doc = ("(N, C) or (N, C, L)", "(N, C) or (N, L, C)")
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over (N, C, H, W); channels_last: (N, H, W, C)."""
+
+    _ndims = (4,)
+    _shape_doc = ("(N, C, H, W)", "(N, H, W, C)")
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over (N, C, D, H, W); channels_last: (N, D, H, W, C)."""
+
+    _ndims = (5,)
+    _shape_doc = ("(N, C, D, H, W)", "(N, D, H, W, C)")
