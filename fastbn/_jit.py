@@ -7,10 +7,21 @@ enters a parallel region). Both twins walk the same fixed work partition and mer
 same order, so they give bitwise identical results.
 
 Nothing here changes a global Numba setting: the threading layer stays whatever the host
-application (or Numba's own default) chose.
+application (or Numba's own default) chose. Instead, each call picks a twin that is safe under
+that layer:
+
+- tbb, or omp in a process that never forked after starting its pool: the parallel twin, from
+  any number of Python threads at once.
+- omp in a child forked after the parent's GNU OpenMP pool started: the serial twin, because
+  GNU OpenMP kills such a child in its next parallel region. Installing ``tbb`` (the
+  ``fastbn[tbb]`` extra) makes Numba pick TBB by default and keeps forked children parallel.
+- workqueue (Numba's fallback when neither TBB nor OpenMP loads): the parallel twin for one
+  thread at a time; a thread that finds the pool busy runs the serial twin, since workqueue
+  aborts the process when two threads enter it.
 """
 
 import os
+import threading
 import types
 from contextlib import contextmanager
 
@@ -26,6 +37,8 @@ FASTMATH = {"reassoc", "contract", "nsz"}
 SERIAL_BELOW_ELEMENTS = 1 << 15
 
 _forked_child = False
+_pool_lock = threading.Lock()
+_exclusive_pool = None  # known once the pool has started
 
 
 def _mark_forked_child():
@@ -59,7 +72,19 @@ class KernelPair:
         """The twin to run for a tensor of n_elements."""
         if n_elements < SERIAL_BELOW_ELEMENTS or not parallel_is_safe():
             return self.serial
+        if pool_is_exclusive():
+            return self._parallel_unless_busy
         return self.parallel
+
+    def _parallel_unless_busy(self, *args):
+        # The workqueue layer aborts the whole process when a second thread enters it. A thread
+        # that finds the pool busy runs the serial twin instead, which gives the same bits.
+        if _pool_lock.acquire(blocking=False):
+            try:
+                return self.parallel(*args)
+            finally:
+                _pool_lock.release()
+        return self.serial(*args)
 
 
 def parallel_kernel(py_func):
@@ -92,6 +117,26 @@ def parallel_is_safe():
     # Intel's OpenMP is fork-safe, but Numba does not say which vendor it loaded; staying
     # serial in this rare case costs speed, never correctness.
     return layer != "omp"
+
+
+def pool_is_exclusive():
+    """True when the threading layer must not be entered by two threads at once.
+
+    Only the workqueue layer (Numba's fallback where neither TBB nor OpenMP loads) is like
+    that. Before the first parallel launch the layer is unknown, so that launch is guarded too.
+    """
+    global _exclusive_pool
+    if _exclusive_pool is None:
+        from numba.np.ufunc import parallel as _parallel
+
+        if not _parallel._is_initialized:
+            return True
+        try:
+            layer = numba.threading_layer()
+        except ValueError:
+            return True
+        _exclusive_pool = layer == "workqueue"
+    return _exclusive_pool
 
 
 @contextmanager
