@@ -153,6 +153,9 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
     :func:`batch_norm_backward` takes. When ``running_mean`` and ``running_var`` are given they
     are updated in place: ``running = (1 - momentum) * running + momentum * batch``, with the
     unbiased batch variance for ``running_var``, as PyTorch does.
+
+    An empty batch (any zero-size dimension) gives an empty y and leaves the running buffers
+    untouched, as ``torch.nn.functional.batch_norm`` does; its saved statistics are NaN.
     """
     x = as_float_array(x)
     n_channels = x.shape[-1 if channels_last else 1] if x.ndim >= 2 else 0
@@ -167,9 +170,11 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
         running_var = _channel_vector(running_var, n_channels, "running_var", writeable=True)
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
+    if x.size == 0:
+        y = _output(out, x)
+        nan = np.full(n_channels, np.nan)
+        return y, nan, nan.copy()
     plan = plan_for(x.shape, channels_last)
-    if plan.count == 0:
-        raise ValueError(f"cannot compute batch statistics of an empty batch, shape {x.shape}")
     check_batch_size(x, plan)
     x = _contiguous(x)
     y = _output(out, x)
@@ -195,12 +200,12 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
 
 
 def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out):
-    plan = plan_for(x.shape, channels_last)
     x = _contiguous(x)
     y = _output(out, x)
     check_no_overlap(y, x, "out", "x", allow_same=True)
     if x.size == 0:
         return y
+    plan = plan_for(x.shape, channels_last)
     weight, bias = _params(weight, bias, plan.n_channels, x.dtype)
     ws = workspace_for(plan, x.dtype)
     if plan.kind == "planes":
@@ -263,7 +268,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     invstd = _channel_vector(invstd, n_channels, "invstd")
     weight = _channel_vector(weight, n_channels, "weight")
     param_dtype = weight.dtype if weight is not None else x.dtype
-    plan = plan_for(x.shape, channels_last)
     x = _contiguous(x)
     dy = _contiguous(dy)
     dx = _output(out, x)
@@ -273,6 +277,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     grad_bias = np.zeros(n_channels, param_dtype)
     if x.size == 0:
         return dx, grad_weight, grad_bias
+    plan = plan_for(x.shape, channels_last)
     weight, _ = _params(weight, None, n_channels, x.dtype)
     mean = mean.astype(np.float64, copy=False)
     invstd = invstd.astype(np.float64, copy=False)
@@ -304,9 +309,9 @@ def channel_moments(x, *, channels_last=False):
     x = as_float_array(x)
     n_channels = x.shape[-1 if channels_last else 1] if x.ndim >= 2 else 0
     check_channels(x, n_channels, channels_last)
-    plan = plan_for(x.shape, channels_last)
-    if plan.count == 0:
+    if x.size == 0:
         raise ValueError(f"cannot compute moments of an empty batch, shape {x.shape}")
+    plan = plan_for(x.shape, channels_last)
     x = _contiguous(x)
     count = np.empty(n_channels, np.float64)
     mean = np.empty(n_channels, np.float64)
