@@ -1,0 +1,312 @@
+"""``python -m fastbn``: a memory-bandwidth roofline report of fastbn against NumPy and PyTorch.
+
+The machine's read+write bandwidth is measured first, in the same run, so every time is also
+quoted as a fraction of the bound P * bytes / bandwidth. NumPy runs in this process; torch runs
+in a subprocess with the same thread count (see fastbn/_bench_torch.py). Progress goes to
+stderr and the table to stdout, so ``python -m fastbn > report.md`` keeps just the report.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from . import _report as R
+
+# time_op settings. The default run stays under 3 minutes on 2 cores, the largest shape
+# included: NumPy on it costs ~0.2-0.5 s a call, so its repeats are few.
+TIMING = {
+    "default": {"fastbn": dict(budget_s=0.8, min_repeats=5, max_repeats=100),
+                "numpy": dict(budget_s=0.4, min_repeats=3, max_repeats=20),
+                "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES, repeats=9)},
+    "quick": {"fastbn": dict(budget_s=0.1, min_repeats=3, max_repeats=20),
+              "numpy": dict(budget_s=0.05, min_repeats=1, max_repeats=5, warmup=False),
+              "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES // 2, repeats=5)},
+}
+OP_TITLES = {"train_forward": "train fwd", "eval_forward": "eval fwd", "backward": "backward"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbn",
+        description="Time fastbn's training forward, eval forward and backward over a grid of "
+                    "shapes in NCHW and NHWC, against the machine's memory bandwidth, a NumPy "
+                    "reference and PyTorch (when installed).")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and a smaller bandwidth buffer (about 30 s)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="Numba and torch threads (default: Numba's current count)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                        help="(batch, channels, *spatial) shapes such as 32x64x56x56 128x1024 "
+                             "(default: the built-in grid of 8 shapes)")
+    parser.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write a PNG of the roofline fraction and the speedup against "
+                             "torch per shape (needs the 'plot' extra: matplotlib)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    args = parser.parse_args(argv)
+    try:
+        args.shapes = [R.parse_shape(s) for s in args.shapes] if args.shapes else \
+            [tuple(s) for s in R.DEFAULT_SHAPES]
+    except ValueError as exc:
+        parser.error(str(exc))
+    return parser, args
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, one line per step in logs."""
+
+    def __init__(self, total):
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.terminal = R.stderr_is_terminal()
+
+    def note(self, text):
+        self._write(text)
+
+    def step(self, text):
+        self.done += 1
+        self._write(f"[{self.done:>3}/{self.total}] {text}")
+
+    def _write(self, text):
+        text = f"{time.perf_counter() - self.started:6.1f}s  {text}"
+        if self.terminal:
+            print(f"\r{text:<100}", end="", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.terminal:
+            print(file=sys.stderr, flush=True)
+
+
+def time_fastbn_and_numpy(shapes, dtype, timing, progress):
+    """A result dict per (shape, layout, op), with fastbn's and NumPy's timings."""
+    results = []
+    for shape in shapes:
+        progress.note(f"filling {R.shape_label(shape)}")
+        problem = R.make_problem(shape, dtype)
+        for layout in R.LAYOUTS:
+            arrays = problem[layout]
+            fast, ref = R.fastbn_ops(arrays, layout), R.numpy_ops(arrays, layout)
+            for op in R.OPS:
+                label = f"{op:<13} {layout} {R.shape_label(shape)}"
+                progress.note(f"fastbn {label}")
+                fast_t = R.time_op(fast[op], **timing["fastbn"])
+                progress.note(f"numpy  {label}")
+                ref_t = R.time_op(ref[op], **timing["numpy"])
+                progress.step(f"{label:<40} fastbn {fast_t['median_s'] * 1e3:9.3f} ms  "
+                              f"numpy {ref_t['median_s'] * 1e3:9.3f} ms")
+                results.append({"shape": list(shape), "layout": layout, "op": op,
+                                "array_shape": list(R.layout_shape(shape, layout)),
+                                "bytes": arrays["x"].nbytes, "passes": R.PASSES[op],
+                                "fastbn": fast_t, "numpy": ref_t, "torch": None})
+        del problem, arrays, fast, ref
+    return results
+
+
+def add_ratios(results, bytes_per_s, torch_result):
+    torch_times = {}
+    if torch_result:
+        torch_times = {(tuple(r["shape"]), r["layout"], r["op"]): r
+                       for r in torch_result["results"]}
+    for row in results:
+        seconds = row["fastbn"]["median_s"]
+        row["effective_bytes_per_s"] = row["passes"] * row["bytes"] / seconds
+        row["roofline_fraction"] = R.roofline_fraction(row["passes"], row["bytes"],
+                                                       bytes_per_s, seconds)
+        row["speedup_vs_numpy"] = row["numpy"]["median_s"] / seconds
+        peer = torch_times.get((tuple(row["shape"]), row["layout"], row["op"]))
+        row["torch"] = peer
+        row["speedup_vs_torch"] = peer["median_s"] / seconds if peer else None
+
+
+def geometric_mean(values):
+    values = [v for v in values if v]
+    return float(np.exp(np.mean(np.log(values)))) if values else None
+
+
+def summarize(results):
+    summary = {}
+    for op in R.OPS:
+        rows = [r for r in results if r["op"] == op]
+        summary[op] = {key: geometric_mean([r[key] for r in rows])
+                       for key in ("roofline_fraction", "speedup_vs_numpy", "speedup_vs_torch")}
+    return summary
+
+
+def format_seconds(seconds):
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:#.3g} {unit}"
+    return f"{seconds * 1e9:#.3g} ns"
+
+
+def format_ratio(value):
+    return "—" if value is None else f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
+
+
+def header_lines(machine, bandwidth, settings, torch_note):
+    m = machine
+    torch = f", torch {m['torch']}" if m["torch"] else ""
+    return [
+        f"# fastbn {m['fastbn']} roofline report",
+        "",
+        f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
+        f"Numba {m['numba_threads']} threads, threading layer {m['threading_layer']}"
+        + (f", load average {m['load_average'][0]:.2f} at the start" if m["load_average"]
+           else ""),
+        f"- versions: Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}{torch}",
+        f"- memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (parallel "
+        f"y = a*x + b over {bandwidth['bytes_moved'] // 2 >> 20} MiB into a reused buffer, "
+        f"read + write, median of {len(bandwidth['samples_s'])})",
+        f"- dtype {settings['dtype']}; roofline = (P * bytes / bandwidth) / time with P = "
+        + ", ".join(f"{p} ({OP_TITLES[op]})" for op, p in R.PASSES.items())
+        + "; GB/s = P * bytes / time",
+        f"- speedups are time(peer) / time(fastbn), medians of one run; torch: {torch_note}",
+        f"- command: {settings['command']}",
+    ]
+
+
+def table_lines(results):
+    columns = ["op", "layout", "shape", "MB", "fastbn", "GB/s", "roofline", "vs NumPy",
+               "vs torch"]
+    rows = []
+    for op in R.OPS:
+        for layout in R.LAYOUTS:
+            for r in (r for r in results if r["op"] == op and r["layout"] == layout):
+                rows.append([OP_TITLES[op], layout, R.shape_label(r["shape"]),
+                             f"{r['bytes'] / 1e6:.3g}", format_seconds(r["fastbn"]["median_s"]),
+                             f"{r['effective_bytes_per_s'] / 1e9:.1f}",
+                             f"{r['roofline_fraction']:.2f}", format_ratio(r["speedup_vs_numpy"]),
+                             format_ratio(r["speedup_vs_torch"])])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    right = {3, 4, 5, 6, 7, 8}
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2)
+                          for i, w in enumerate(widths)) + "|"
+    return [line(columns), rule] + [line(row) for row in rows]
+
+
+def summary_lines(summary):
+    lines = ["", "Geometric means over the shapes:", ""]
+    for op, values in summary.items():
+        lines.append(f"- {OP_TITLES[op]}: roofline {values['roofline_fraction']:.2f}, "
+                     f"{format_ratio(values['speedup_vs_numpy'])} NumPy, "
+                     f"{format_ratio(values['speedup_vs_torch'])} torch")
+    return lines
+
+
+def matplotlib_or_none():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def write_plot(plt, path, report):
+    results, shapes = report["results"], report["settings"]["shapes"]
+    have_torch = any(r["speedup_vs_torch"] for r in results)
+    peer_key, peer_name = (("speedup_vs_torch", "torch") if have_torch
+                           else ("speedup_vs_numpy", "NumPy (torch not measured)"))
+    series = [(op, layout) for op in R.OPS for layout in R.LAYOUTS]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    width = 0.8 / len(series)
+    positions = np.arange(len(shapes))
+    for i, (op, layout) in enumerate(series):
+        by_shape = {tuple(r["shape"]): r for r in results
+                    if r["op"] == op and r["layout"] == layout}
+        rows = [by_shape.get(tuple(s)) for s in shapes]
+        roof = [r["roofline_fraction"] if r else np.nan for r in rows]
+        peer = [r[peer_key] if r and r[peer_key] else np.nan for r in rows]
+        offset = positions + (i - (len(series) - 1) / 2) * width
+        label = f"{OP_TITLES[op]} {layout}"
+        top.bar(offset, roof, width, label=label, color=f"C{R.OPS.index(op)}",
+                alpha=1.0 if layout == "NCHW" else 0.55)
+        bottom.bar(offset, peer, width, label=label, color=f"C{R.OPS.index(op)}",
+                   alpha=1.0 if layout == "NCHW" else 0.55)
+    machine = report["machine"]
+    top.axhline(1.0, color="black", linewidth=0.8)
+    top.set_ylabel("fraction of bandwidth roofline")
+    top.set_title(f"fastbn {machine['fastbn']} ({report['settings']['dtype']}) on {machine['cpu']}"
+                  f", {machine['numba_threads']} threads, "
+                  f"{report['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s")
+    top.legend(ncol=3, fontsize="small")
+    bottom.axhline(1.0, color="black", linewidth=0.8)
+    bottom.set_yscale("log")
+    bottom.set_ylabel(f"speedup against {peer_name}")
+    bottom.set_xticks(positions, [R.shape_label(s) for s in shapes], rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    import numba
+
+    from ._bench_torch import time_torch
+    from ._jit import num_threads
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, args = parse_args(argv)
+    plt = None
+    if args.plot:
+        plt = matplotlib_or_none()
+        if plt is None:  # fail before the long run, not after it
+            parser.exit(2, "python -m fastbn: --plot needs matplotlib, which is not installed; "
+                           "install the plot extra: pip install 'fastbn[plot]'\n")
+    threads = args.threads or numba.get_num_threads()
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        parser.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
+                     "(NUMBA_NUM_THREADS)")
+    timing = TIMING["quick" if args.quick else "default"]
+    settings = {"dtype": args.dtype, "threads": threads, "quick": args.quick,
+                "shapes": [list(s) for s in args.shapes], "layouts": list(R.LAYOUTS),
+                "ops": list(R.OPS), "timing": timing, "eps": R.EPS, "momentum": R.MOMENTUM,
+                "command": " ".join(["python -m fastbn", *argv]).strip()}
+    progress = Progress(len(args.shapes) * len(R.LAYOUTS) * len(R.OPS))
+    started = time.perf_counter()
+    with num_threads(threads):
+        progress.note("measuring memory bandwidth")
+        bandwidth = R.measure_bandwidth(**timing["bandwidth"])
+        machine = R.machine_info()
+        results = time_fastbn_and_numpy(args.shapes, args.dtype, timing, progress)
+    progress.close()
+    torch_result, torch_note = None, "skipped (--no-torch)"
+    if not args.no_torch:
+        print(f"timing torch in a subprocess with {threads} threads", file=sys.stderr)
+        torch_result, reason = time_torch(args.shapes, R.OPS, R.LAYOUTS, args.dtype, threads,
+                                          timing["fastbn"])
+        torch_note = (f"torch {torch_result['torch']} in a subprocess, "
+                      f"{torch_result['threads']} threads" if torch_result
+                      else f"not measured: {reason}")
+        if reason:
+            print(f"torch comparison skipped: {reason}", file=sys.stderr)
+    add_ratios(results, bandwidth["bytes_per_s"], torch_result)
+    report = {"machine": machine, "bandwidth": bandwidth, "passes": dict(R.PASSES),
+              "settings": settings, "torch_note": torch_note, "results": results,
+              "summary": summarize(results), "elapsed_s": time.perf_counter() - started}
+    print("\n".join(header_lines(machine, bandwidth, settings, torch_note) + [""]
+                    + table_lines(results) + summary_lines(report["summary"])))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if plt is not None:
+        write_plot(plt, args.plot, report)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    print(f"done in {report['elapsed_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

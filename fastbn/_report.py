@@ -1,0 +1,290 @@
+"""Measurement primitives for the roofline report (``python -m fastbn``), reusable elsewhere.
+
+A batch norm kernel is memory bound, so the yardstick is the machine's own memory bandwidth:
+an op that must stream a tensor of B bytes P times cannot finish before P * B / bandwidth.
+The pass counts are the minimum traffic of each op: training forward reads x twice (statistics,
+then normalize) and writes y once; eval forward reads x and writes y; training backward reads
+dy and x for the two reductions, then reads them again and writes dx.
+
+Everything here times the public API with preallocated ``out=`` buffers, on arrays filled before
+timing (a fresh page faults on first touch, which would be timed otherwise), after one warm-up
+call (which compiles the kernel or loads it from Numba's disk cache).
+"""
+
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+PASSES = {"train_forward": 3, "eval_forward": 2, "backward": 5}
+OPS = tuple(PASSES)
+LAYOUTS = ("NCHW", "NHWC")
+# (batch, channels, *spatial); the last one is over 64 MB so that it runs out of cache.
+DEFAULT_SHAPES = ((32, 64, 56, 56), (64, 256, 14, 14), (8, 3, 224, 224), (256, 512, 7, 7),
+                  (128, 1024), (16, 32, 8, 32, 32), (2, 4, 8, 8), (64, 64, 112, 112))
+EPS = 1e-5
+MOMENTUM = 0.1
+# 256 MiB per array is eight times a 32 MB L3, so the copy kernel streams from DRAM.
+BANDWIDTH_BYTES = 256 << 20
+
+
+# ----------------------------------------------------------------------------- machine
+
+def package_version(name):
+    """Installed version of a distribution, or None; never imports it (importing torch here
+    would load its OpenMP runtime into the process that runs Numba's)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info():
+    """Cores, Numba threads and layer, and versions. Call after a parallel kernel has run:
+    Numba only knows its threading layer once its pool has started."""
+    import numba
+
+    import fastbn
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        layer = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    # The load average says whether other work shared the cores while this ran.
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
+        "numba_threads": numba.get_num_threads(), "threading_layer": layer,
+        "load_average": load,
+        "platform": platform.platform(), "python": platform.python_version(),
+        "fastbn": fastbn.__version__, "numpy": np.__version__, "numba": numba.__version__,
+        "torch": package_version("torch"),
+    }
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+_stream_kernel = None
+
+
+def _compiled_stream_kernel():
+    # Compiled on first use, so importing this module never starts a Numba compilation.
+    global _stream_kernel
+    if _stream_kernel is None:
+        from numba import njit, prange
+
+        @njit(parallel=True, cache=True, nogil=True)
+        def scale_shift_stream(x, a, b, y):
+            # y = x*a + b rather than a plain copy: LLVM cannot turn it into a memcpy call,
+            # so this is a loop of loads and stores like the batch norm kernels.
+            for i in prange(x.size):
+                y[i] = x[i] * a + b
+
+        _stream_kernel = scale_shift_stream
+    return _stream_kernel
+
+
+def measure_bandwidth(n_bytes=BANDWIDTH_BYTES, repeats=9):
+    """Parallel read+write memory bandwidth in bytes/s: the median of ``repeats`` runs of
+    y = x*a + b over n_bytes of float32 into a reused, pre-filled y of the same size.
+
+    Bytes counted are read + write (2 * n_bytes), as for the batch norm ops; the write-allocate
+    read that a cached store also causes is not counted, in either.
+    """
+    kernel = _compiled_stream_kernel()
+    x = np.full(n_bytes // 4, 1.0, np.float32)
+    y = np.full_like(x, 0.0)
+    a, b = np.float32(1.0), np.float32(0.0)
+    kernel(x, a, b, y)  # compile or load, and start the thread pool
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        kernel(x, a, b, y)
+        samples.append(time.perf_counter() - start)
+    moved = 2 * x.nbytes
+    return {"bytes_per_s": moved / float(np.median(samples)), "bytes_moved": moved,
+            "samples_s": samples}
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_op(fn, budget_s=0.5, min_repeats=3, max_repeats=50, min_sample_s=1e-3, warmup=True):
+    """Time fn() with time.perf_counter: a dict with the median and every sample in seconds.
+
+    One warm-up call first (compilation, page faults). Calls shorter than min_sample_s are
+    batched ``number`` at a time so a sample is not dominated by timer resolution; the number
+    of samples fits budget_s, clamped to [min_repeats, max_repeats].
+    """
+    if warmup:
+        fn()
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    number = 1 if first >= min_sample_s else int(min(1000, np.ceil(min_sample_s / first)))
+    repeats = int(np.clip(budget_s / (first * number), min_repeats, max_repeats))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - start) / number)
+    return {"median_s": float(np.median(samples)), "samples_s": samples, "number": number}
+
+
+def roofline_fraction(passes, n_bytes, bytes_per_s, seconds):
+    """Fraction of the bandwidth bound reached: (P * B / bandwidth) / time."""
+    return passes * n_bytes / bytes_per_s / seconds
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def layout_shape(shape, layout):
+    """The array shape of an (N, C, *spatial) problem in layout NCHW or NHWC."""
+    shape = tuple(shape)
+    if layout == "NHWC" and len(shape) > 2:
+        return (shape[0],) + shape[2:] + (shape[1],)
+    return shape
+
+
+def reduce_axes(ndim, layout):
+    if layout == "NHWC":
+        return tuple(range(ndim - 1))
+    return (0,) + tuple(range(2, ndim))
+
+
+def make_problem(shape, dtype=np.float32, seed=0):
+    """Filled inputs of one (N, C, *spatial) problem in both layouts: the NHWC arrays hold the
+    same values as the NCHW ones, so both layouts normalize the same data."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    n_channels = shape[1]
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    x *= 2.0
+    x += 0.5
+    # dy from x by a cheap map: a second random draw costs a second on the largest shape.
+    dy = x[::-1].copy()
+    dy *= 0.25
+    params = {
+        "weight": rng.uniform(0.5, 1.5, n_channels).astype(dtype),
+        "bias": rng.uniform(-0.5, 0.5, n_channels).astype(dtype),
+        "running_mean": rng.uniform(-0.1, 0.1, n_channels).astype(dtype),
+        "running_var": rng.uniform(0.5, 2.0, n_channels).astype(dtype),
+    }
+    problem = {}
+    for layout in LAYOUTS:
+        if layout == "NHWC" and x.ndim > 2:
+            xl, dyl = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
+        else:
+            xl, dyl = x, dy
+        problem[layout] = dict(params, x=xl, dy=dyl)
+    return problem
+
+
+# ----------------------------------------------------------------------------- ops
+
+def fastbn_ops(arrays, layout):
+    """{op: zero-argument callable} over fastbn's functional API with out= buffers.
+
+    Backward is timed on the statistics of a training forward, as training does.
+    """
+    import fastbn
+
+    x, dy, w, b = arrays["x"], arrays["dy"], arrays["weight"], arrays["bias"]
+    channels_last = layout == "NHWC"
+    running_mean, running_var = arrays["running_mean"].copy(), arrays["running_var"].copy()
+    y = np.zeros_like(x)
+    dx = np.zeros_like(x)
+    _, save_mean, save_invstd = fastbn.batch_norm_forward(
+        x, w, b, EPS, channels_last=channels_last, out=y)
+
+    def train_forward():
+        fastbn.batch_norm_forward(x, w, b, EPS, running_mean=running_mean,
+                                  running_var=running_var, momentum=MOMENTUM,
+                                  channels_last=channels_last, out=y)
+
+    def eval_forward():
+        fastbn.batch_norm(x, arrays["running_mean"], arrays["running_var"], w, b, False,
+                          MOMENTUM, EPS, channels_last=channels_last, out=y)
+
+    def backward():
+        fastbn.batch_norm_backward(dy, x, save_mean, save_invstd, w, training=True,
+                                   channels_last=channels_last, out=dx)
+
+    return {"train_forward": train_forward, "eval_forward": eval_forward, "backward": backward}
+
+
+def numpy_ops(arrays, layout):
+    """{op: callable}: the straightforward vectorized NumPy batch norm the speedups are quoted
+    against, at the input dtype, allocating its results as NumPy code does."""
+    x, dy = arrays["x"], arrays["dy"]
+    axes = reduce_axes(x.ndim, layout)
+    count = x.size // x.shape[1 if layout == "NCHW" else -1]
+    bshape = [1] * x.ndim
+    bshape[1 if layout == "NCHW" else -1] = -1
+    w, b = arrays["weight"].reshape(bshape), arrays["bias"].reshape(bshape)
+    rm_b = arrays["running_mean"].reshape(bshape)
+    rv_b = arrays["running_var"].reshape(bshape)
+    running_mean, running_var = arrays["running_mean"].copy(), arrays["running_var"].copy()
+
+    def forward_stats():
+        mean = x.mean(axis=axes, keepdims=True)
+        var = x.var(axis=axes, keepdims=True)
+        return mean, var, 1.0 / np.sqrt(var + x.dtype.type(EPS))
+
+    def train_forward():
+        mean, var, invstd = forward_stats()
+        running_mean[...] = (1 - MOMENTUM) * running_mean + MOMENTUM * mean.ravel()
+        running_var[...] = ((1 - MOMENTUM) * running_var
+                            + MOMENTUM * var.ravel() * count / (count - 1))
+        return (x - mean) * invstd * w + b
+
+    def eval_forward():
+        return (x - rm_b) / np.sqrt(rv_b + x.dtype.type(EPS)) * w + b
+
+    mean, _, invstd = forward_stats()
+
+    def backward():
+        xhat = (x - mean) * invstd
+        grad_bias = dy.sum(axis=axes, keepdims=True)
+        grad_weight = (dy * xhat).sum(axis=axes, keepdims=True)
+        dx = (w * invstd / count) * (count * dy - grad_bias - xhat * grad_weight)
+        return dx, grad_weight.ravel(), grad_bias.ravel()
+
+    return {"train_forward": train_forward, "eval_forward": eval_forward, "backward": backward}
+
+
+def shape_label(shape):
+    return "x".join(str(d) for d in shape)
+
+
+def parse_shape(text):
+    """'32x64x56x56' (or '32,64,56,56') -> (32, 64, 56, 56)."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        shape = tuple(int(p) for p in parts if p)
+    except ValueError:
+        raise ValueError(f"cannot read shape {text!r}; write it like 32x64x56x56") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape {text!r} needs (batch, channels, *spatial), all positive")
+    if shape[0] * int(np.prod(shape[2:], dtype=np.int64)) < 2:
+        raise ValueError(f"shape {text!r} has one value per channel: training needs more")
+    return shape
+
+
+def stderr_is_terminal():
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
