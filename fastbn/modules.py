@@ -112,6 +112,27 @@ class _BatchNorm:
             else:
                 getattr(self, key)[...] = value
 
+    def save_state(self, file):
+        """Write state_dict() to file (a path or binary file object) with np.savez.
+
+        The file holds plain numeric arrays only; :meth:`load_state` reads it back without
+        ever unpickling.
+        """
+        np.savez(file, **self.state_dict())
+
+    def load_state(self, file):
+        """Load a file written by :meth:`save_state`; it is read with allow_pickle=False."""
+        with np.load(file, allow_pickle=False) as archive:
+            self.load_state_dict({key: archive[key] for key in archive.files})
+
+    def __getstate__(self):
+        # Like torch, which never pickles autograd state: copies and pickles keep parameters,
+        # buffers, gradients, mode and hyperparameters but not the input saved for backward,
+        # which would drag a whole batch along. Call forward again before backward.
+        state = self.__dict__.copy()
+        state["_saved"] = None
+        return state
+
     def __repr__(self):
         text = (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
