@@ -17,7 +17,7 @@ from numba import prange
 
 from ._jit import helper, parallel_kernel
 from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, inverse_std,
-                       plane_moments, set_affine_coefficients)
+                       run_moments, set_affine_coefficients)
 
 
 @helper
@@ -38,18 +38,20 @@ def merge_channel_partials(part_mean, part_m2, c, n_items, chunk, length, n_chun
     return count, mean, m2
 
 
+# The run helpers take views and loop from 0: see run_moments for why.
+
 @helper
-def affine_run(src, dst, lo, hi, shift, alpha, beta):
-    for i in range(lo, hi):
+def affine_run(src, dst, shift, alpha, beta):
+    for i in range(src.size):
         dst[i] = (src[i] - shift) * alpha + beta
 
 
 @helper
-def grad_sums_run(dy, x, lo, hi, shift):
+def grad_sums_run(dy, x, shift):
     """(sum(dy), sum(dy * (x - shift))) over one run, accumulated in float64."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
-    for i in range(lo, hi):
+    for i in range(x.size):
         g = np.float64(dy[i])
         sum_dy += g
         sum_dy_dev += g * np.float64(x[i] - shift)
@@ -57,17 +59,17 @@ def grad_sums_run(dy, x, lo, hi, shift):
 
 
 @helper
-def grad_input_run(dy, x, dx, lo, hi, shift, k_dy, k_x, k_0):
-    for i in range(lo, hi):
+def grad_input_run(dy, x, dx, shift, k_dy, k_x, k_0):
+    for i in range(x.size):
         dx[i] = dy[i] * k_dy + (x[i] - shift) * k_x + k_0
 
 
 @helper
-def eval_grad_run(dy, x, dx, lo, hi, shift, alpha):
+def eval_grad_run(dy, x, dx, shift, alpha):
     """dx = dy * alpha, and the sums for the parameter gradients, in one pass."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
-    for i in range(lo, hi):
+    for i in range(x.size):
         g = dy[i]
         dx[i] = g * alpha
         g64 = np.float64(g)
@@ -91,7 +93,7 @@ def moments_nchw(x, chunk, part_mean, part_m2, count, mean, m2):
     for item in prange(n_batch * n_channels * n_chunks):
         n, c, k = item_position(item, n_channels, n_chunks)
         lo, hi = run_bounds(k, chunk, length)
-        part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = plane_moments(x[n, c], lo, hi)
+        part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = run_moments(x[n, c, lo:hi])
     for c in prange(n_channels):
         count[c], mean[c], m2[c] = merge_channel_partials(part_mean, part_m2, c, part_mean.shape[1],
                                                           chunk, length, n_chunks)
@@ -106,7 +108,7 @@ def train_forward_nchw_by_block(x, weight, bias, eps, momentum, update, running_
     for item in prange(n_items):
         n, c, k = item_position(item, n_channels, n_chunks)
         lo, hi = run_bounds(k, chunk, length)
-        part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = plane_moments(x[n, c], lo, hi)
+        part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = run_moments(x[n, c, lo:hi])
     for c in prange(n_channels):
         count, mean, m2 = merge_channel_partials(part_mean, part_m2, c, part_mean.shape[1], chunk,
                                                  length, n_chunks)
@@ -115,7 +117,7 @@ def train_forward_nchw_by_block(x, weight, bias, eps, momentum, update, running_
     for item in prange(n_items):
         n, c, k = item_position(item, n_channels, n_chunks)
         lo, hi = run_bounds(k, chunk, length)
-        affine_run(x[n, c], y[n, c], lo, hi, coef[0, c], coef[1, c], coef[2, c])
+        affine_run(x[n, c, lo:hi], y[n, c, lo:hi], coef[0, c], coef[1, c], coef[2, c])
 
 
 @parallel_kernel
@@ -128,14 +130,14 @@ def train_forward_nchw_by_channel(x, weight, bias, eps, momentum, update, runnin
         for n in range(n_batch):
             for k in range(n_chunks):
                 lo, hi = run_bounds(k, chunk, length)
-                part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = plane_moments(
-                    x[n, c], lo, hi)
+                part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = run_moments(
+                    x[n, c, lo:hi])
         count, mean, m2 = merge_channel_partials(part_mean, part_m2, c, part_mean.shape[1], chunk,
                                                  length, n_chunks)
         finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
                              weight, bias, save_mean, save_invstd, coef)
         for n in range(n_batch):
-            affine_run(x[n, c], y[n, c], 0, length, coef[0, c], coef[1, c], coef[2, c])
+            affine_run(x[n, c], y[n, c], coef[0, c], coef[1, c], coef[2, c])
 
 
 @parallel_kernel
@@ -149,7 +151,7 @@ def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, chunk, co
     for item in prange(n_batch * n_channels * n_chunks):
         n, c, k = item_position(item, n_channels, n_chunks)
         lo, hi = run_bounds(k, chunk, length)
-        affine_run(x[n, c], y[n, c], lo, hi, coef[0, c], coef[1, c], coef[2, c])
+        affine_run(x[n, c, lo:hi], y[n, c, lo:hi], coef[0, c], coef[1, c], coef[2, c])
 
 
 @helper
@@ -175,7 +177,7 @@ def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, chunk, p
         n, c, k = item_position(item, n_channels, n_chunks)
         lo, hi = run_bounds(k, chunk, length)
         part_a[c, n * n_chunks + k], part_b[c, n * n_chunks + k] = grad_sums_run(
-            dy[n, c], x[n, c], lo, hi, coef[0, c])
+            dy[n, c, lo:hi], x[n, c, lo:hi], coef[0, c])
     for c in prange(n_channels):
         sum_dy, sum_dy_dev = sum_channel_partials(part_a, part_b, c)
         finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
@@ -183,8 +185,8 @@ def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, chunk, p
     for item in prange(n_items):
         n, c, k = item_position(item, n_channels, n_chunks)
         lo, hi = run_bounds(k, chunk, length)
-        grad_input_run(dy[n, c], x[n, c], dx[n, c], lo, hi, coef[0, c], coef[1, c], coef[2, c],
-                       coef[3, c])
+        grad_input_run(dy[n, c, lo:hi], x[n, c, lo:hi], dx[n, c, lo:hi], coef[0, c], coef[1, c],
+                       coef[2, c], coef[3, c])
 
 
 @parallel_kernel
@@ -199,12 +201,12 @@ def train_backward_nchw_by_channel(dy, x, save_mean, save_invstd, weight, chunk,
             for k in range(n_chunks):
                 lo, hi = run_bounds(k, chunk, length)
                 part_a[c, n * n_chunks + k], part_b[c, n * n_chunks + k] = grad_sums_run(
-                    dy[n, c], x[n, c], lo, hi, coef[0, c])
+                    dy[n, c, lo:hi], x[n, c, lo:hi], coef[0, c])
         sum_dy, sum_dy_dev = sum_channel_partials(part_a, part_b, c)
         finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
                             grad_weight, grad_bias, coef)
         for n in range(n_batch):
-            grad_input_run(dy[n, c], x[n, c], dx[n, c], 0, length, coef[0, c], coef[1, c],
+            grad_input_run(dy[n, c], x[n, c], dx[n, c], coef[0, c], coef[1, c],
                            coef[2, c], coef[3, c])
 
 
@@ -221,7 +223,7 @@ def eval_backward_nchw(dy, x, mean, invstd, weight, chunk, part_a, part_b, coef,
         n, c, k = item_position(item, n_channels, n_chunks)
         lo, hi = run_bounds(k, chunk, length)
         part_a[c, n * n_chunks + k], part_b[c, n * n_chunks + k] = eval_grad_run(
-            dy[n, c], x[n, c], dx[n, c], lo, hi, coef[0, c], coef[1, c])
+            dy[n, c, lo:hi], x[n, c, lo:hi], dx[n, c, lo:hi], coef[0, c], coef[1, c])
     for c in prange(n_channels):
         sum_dy, sum_dy_dev = sum_channel_partials(part_a, part_b, c)
         grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]

@@ -1,7 +1,7 @@
 """Channels-last kernels on a flat view of a (rows, C) array: value j belongs to channel j % C.
 
 Rows are cut into fixed blocks of `block_rows` rows, and every block keeps its own partials in
-a (n_blocks, 4, W) float64 workspace. Inner loops run over W = C * reps "lanes", where reps is
+a (n_blocks, 2, W) float64 workspace. Inner loops run over W = C * reps "lanes", where reps is
 chosen so that W is a multiple of the SIMD width: lane k always holds channel k % C, so the loop
 vectorizes across rows even for C = 3. After a block's lanes are folded per channel, blocks are
 merged in index order, which makes results independent of the thread count.
@@ -14,6 +14,7 @@ from numba import prange
 
 from ._jit import helper, parallel_kernel
 from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, inverse_std,
+                       shifted_moments,
                        set_affine_coefficients)
 
 
@@ -25,48 +26,51 @@ def block_bounds(b, block_rows, n_rows, n_channels):
 
 
 @helper
-def block_moments(xf, n_channels, start, end, lanes):
-    """Per-channel (mean, M2) of one block of rows, left in lanes[0, :C] and lanes[1, :C].
+def grouped(flat, start, end, width):
+    """flat[start:end] as a (groups, width) view plus the remaining values (a whole number of
+    rows, fewer than width).
 
-    lanes is the block's (4, W) workspace: row 0 holds each lane's shift (the block's first
-    row), row 1 the pass-1 sums, row 2 the tiled mean offsets, row 3 the pass-2 sums.
+    Hot loops index these views from 0: Numba guards signed indices against negative
+    wraparound, and only induction variables that start at 0 let LLVM drop the guard and
+    vectorize.
     """
-    width = lanes.shape[1]
+    n_groups = (end - start) // width
+    split = start + n_groups * width
+    return flat[start:split].reshape(n_groups, width), flat[split:end]
+
+
+@helper
+def block_moments(xf, n_channels, start, end, partial):
+    """Per-channel (mean, M2) of one block of rows, written to partial[0, :C], partial[1, :C].
+
+    The lane accumulators are local arrays rather than rows of the workspace: LLVM cannot
+    prove that rows of one array never alias, and would not vectorize the update.
+    """
+    width = partial.shape[1]
     reps = width // n_channels
-    n_rows = (end - start) // n_channels
+    n_rows = np.float64((end - start) // n_channels)
+    body, tail = grouped(xf, start, end, width)
+    shift = np.empty(width)
+    sum_d = np.zeros(width)
+    sum_d2 = np.zeros(width)
     for k in range(width):
-        lanes[0, k] = np.float64(xf[start + k % n_channels])
-        lanes[1, k] = 0.0
-        lanes[3, k] = 0.0
-    j = start
-    while j + width <= end:
+        shift[k] = np.float64(xf[start + k % n_channels])
+    for g in range(body.shape[0]):
         for k in range(width):
-            lanes[1, k] += np.float64(xf[j + k]) - lanes[0, k]
-        j += width
-    for k in range(end - j):
-        lanes[1, k] += np.float64(xf[j + k]) - lanes[0, k]
+            d = np.float64(body[g, k]) - shift[k]
+            sum_d[k] += d
+            sum_d2[k] += d * d
+    for k in range(tail.size):
+        d = np.float64(tail[k]) - shift[k]
+        sum_d[k] += d
+        sum_d2[k] += d * d
     for c in range(n_channels):
-        total = 0.0
+        total_d = 0.0
+        total_d2 = 0.0
         for q in range(reps):
-            total += lanes[1, q * n_channels + c]
-        offset = total / n_rows
-        for q in range(reps):
-            lanes[2, q * n_channels + c] = offset
-    j = start
-    while j + width <= end:
-        for k in range(width):
-            deviation = (np.float64(xf[j + k]) - lanes[0, k]) - lanes[2, k]
-            lanes[3, k] += deviation * deviation
-        j += width
-    for k in range(end - j):
-        deviation = (np.float64(xf[j + k]) - lanes[0, k]) - lanes[2, k]
-        lanes[3, k] += deviation * deviation
-    for c in range(n_channels):
-        m2 = 0.0
-        for q in range(reps):
-            m2 += lanes[3, q * n_channels + c]
-        lanes[0, c] = lanes[0, c] + lanes[2, c]
-        lanes[1, c] = m2
+            total_d += sum_d[q * n_channels + c]
+            total_d2 += sum_d2[q * n_channels + c]
+        partial[0, c], partial[1, c] = shifted_moments(shift[c], n_rows, total_d, total_d2)
 
 
 @helper
@@ -91,33 +95,37 @@ def tile_lanes(coef, coef_lanes, n_channels):
 @helper
 def affine_block(xf, yf, start, end, coef_lanes):
     width = coef_lanes.shape[1]
-    j = start
-    while j + width <= end:
+    x_body, x_tail = grouped(xf, start, end, width)
+    y_body, y_tail = grouped(yf, start, end, width)
+    shift, alpha, beta = coef_lanes[0], coef_lanes[1], coef_lanes[2]
+    for g in range(x_body.shape[0]):
         for k in range(width):
-            yf[j + k] = (xf[j + k] - coef_lanes[0, k]) * coef_lanes[1, k] + coef_lanes[2, k]
-        j += width
-    for k in range(end - j):
-        yf[j + k] = (xf[j + k] - coef_lanes[0, k]) * coef_lanes[1, k] + coef_lanes[2, k]
+            y_body[g, k] = (x_body[g, k] - shift[k]) * alpha[k] + beta[k]
+    for k in range(x_tail.size):
+        y_tail[k] = (x_tail[k] - shift[k]) * alpha[k] + beta[k]
 
 
 @helper
 def grad_sums_block(dyf, xf, start, end, coef_lanes, lanes):
-    """Lane sums of dy and dy * (x - shift) into lanes[0] and lanes[1]."""
+    """Lane sums of dy and dy * (x - shift) into lanes[0] and lanes[1] (local accumulators,
+    as in block_moments)."""
     width = coef_lanes.shape[1]
-    for k in range(width):
-        lanes[0, k] = 0.0
-        lanes[1, k] = 0.0
-    j = start
-    while j + width <= end:
+    dy_body, dy_tail = grouped(dyf, start, end, width)
+    x_body, x_tail = grouped(xf, start, end, width)
+    shift = coef_lanes[0]
+    sum_dy = np.zeros(width)
+    sum_dy_dev = np.zeros(width)
+    for g in range(x_body.shape[0]):
         for k in range(width):
-            g = np.float64(dyf[j + k])
-            lanes[0, k] += g
-            lanes[1, k] += g * np.float64(xf[j + k] - coef_lanes[0, k])
-        j += width
-    for k in range(end - j):
-        g = np.float64(dyf[j + k])
-        lanes[0, k] += g
-        lanes[1, k] += g * np.float64(xf[j + k] - coef_lanes[0, k])
+            grad = np.float64(dy_body[g, k])
+            sum_dy[k] += grad
+            sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift[k])
+    for k in range(x_tail.size):
+        grad = np.float64(dy_tail[k])
+        sum_dy[k] += grad
+        sum_dy_dev[k] += grad * np.float64(x_tail[k] - shift[k])
+    lanes[0, :] = sum_dy
+    lanes[1, :] = sum_dy_dev
 
 
 @helper
@@ -180,15 +188,15 @@ def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, e
 @helper
 def grad_input_block(dyf, xf, dxf, start, end, coef_lanes):
     width = coef_lanes.shape[1]
-    j = start
-    while j + width <= end:
+    dy_body, dy_tail = grouped(dyf, start, end, width)
+    x_body, x_tail = grouped(xf, start, end, width)
+    dx_body, dx_tail = grouped(dxf, start, end, width)
+    shift, k_dy, k_x, k_0 = coef_lanes[0], coef_lanes[1], coef_lanes[2], coef_lanes[3]
+    for g in range(x_body.shape[0]):
         for k in range(width):
-            dxf[j + k] = (dyf[j + k] * coef_lanes[1, k] + (xf[j + k] - coef_lanes[0, k])
-                          * coef_lanes[2, k] + coef_lanes[3, k])
-        j += width
-    for k in range(end - j):
-        dxf[j + k] = (dyf[j + k] * coef_lanes[1, k] + (xf[j + k] - coef_lanes[0, k])
-                      * coef_lanes[2, k] + coef_lanes[3, k])
+            dx_body[g, k] = dy_body[g, k] * k_dy[k] + (x_body[g, k] - shift[k]) * k_x[k] + k_0[k]
+    for k in range(x_tail.size):
+        dx_tail[k] = dy_tail[k] * k_dy[k] + (x_tail[k] - shift[k]) * k_x[k] + k_0[k]
 
 
 @parallel_kernel
@@ -215,23 +223,27 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, blo
 
 @helper
 def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes):
+    """dx = dy * alpha, and the lane sums for the parameter gradients, in one pass."""
     width = coef_lanes.shape[1]
-    for k in range(width):
-        lanes[0, k] = 0.0
-        lanes[1, k] = 0.0
-    j = start
-    while j + width <= end:
+    dy_body, dy_tail = grouped(dyf, start, end, width)
+    x_body, x_tail = grouped(xf, start, end, width)
+    dx_body, dx_tail = grouped(dxf, start, end, width)
+    shift, alpha = coef_lanes[0], coef_lanes[1]
+    sum_dy = np.zeros(width)
+    sum_dy_dev = np.zeros(width)
+    for g in range(x_body.shape[0]):
         for k in range(width):
-            g = dyf[j + k]
-            dxf[j + k] = g * coef_lanes[1, k]
-            lanes[0, k] += np.float64(g)
-            lanes[1, k] += np.float64(g) * np.float64(xf[j + k] - coef_lanes[0, k])
-        j += width
-    for k in range(end - j):
-        g = dyf[j + k]
-        dxf[j + k] = g * coef_lanes[1, k]
-        lanes[0, k] += np.float64(g)
-        lanes[1, k] += np.float64(g) * np.float64(xf[j + k] - coef_lanes[0, k])
+            grad = dy_body[g, k]
+            dx_body[g, k] = grad * alpha[k]
+            sum_dy[k] += np.float64(grad)
+            sum_dy_dev[k] += np.float64(grad) * np.float64(x_body[g, k] - shift[k])
+    for k in range(x_tail.size):
+        grad = dy_tail[k]
+        dx_tail[k] = grad * alpha[k]
+        sum_dy[k] += np.float64(grad)
+        sum_dy_dev[k] += np.float64(grad) * np.float64(x_tail[k] - shift[k])
+    lanes[0, :] = sum_dy
+    lanes[1, :] = sum_dy_dev
 
 
 @parallel_kernel

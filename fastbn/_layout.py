@@ -13,10 +13,10 @@ from math import gcd
 
 import numpy as np
 
-# Values per work item. 4096 float32 (16 KB) or float64 (32 KB) stay in L1/L2 between the two
-# passes a block makes, and leave thousands of items to balance across threads.
+# Values per work item. Each item is reduced in one pass, so the size only trades the merge
+# cost per item against load balance and the shifted-sum error bound (see _moments).
 PLANE_CHUNK = 4096
-ROW_BLOCK_VALUES = 4096
+ROW_BLOCK_VALUES = 16384
 # Lanes per row-kernel vector step: a multiple of 8 keeps AVX2 registers full for any C.
 SIMD_LANES = 8
 _WORKSPACES_PER_THREAD = 16
@@ -76,7 +76,7 @@ class Workspace:
             self.coef_lanes = None
         else:
             self.part_a = self.part_b = None
-            self.lanes = np.empty((plan.n_blocks, 4, plan.width), np.float64)
+            self.lanes = np.empty((plan.n_blocks, 2, plan.width), np.float64)
             self.coef_lanes = np.empty((4, plan.width), dtype)
         self.coef = np.empty((4, plan.n_channels), dtype)
 

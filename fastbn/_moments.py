@@ -1,13 +1,17 @@
 """Per-channel moments as mergeable partials, and the per-channel coefficient arithmetic.
 
-A partial is (count, mean, M2) with M2 = sum((x - mean)**2), always in float64. Each block of
-input yields one partial from two passes over the block while it sits in L1: the first finds
-the block mean relative to the block's first value, the second sums squared deviations from
-that mean. Shifting by a value of the block keeps constant blocks exact (every deviation is 0.0,
-so the mean is that value and M2 is exactly 0) and keeps large offsets such as 1e6 from eating
-the precision of the deviations. Blocks are combined with Chan's pairwise update in a fixed
-order, so a result never depends on how many threads produced the partials. A later
-cross-process SyncBatchNorm exchanges exactly these partials.
+A partial is (count, mean, M2) with M2 = sum((x - mean)**2), always in float64, whatever the
+input dtype. Each block of input yields one partial in a single pass: with d = x - s, where the
+shift s is the block's first value, the block sums d and d**2, and
+mean = s + sum(d)/n, M2 = sum(d**2) - sum(d)**2/n.
+This is not the unstable E[x**2] - E[x]**2: because s is one of the block's own values,
+n*(s - mean)**2 <= n*M2, so the cancellation costs at most a factor of about n in relative
+error; n is at most a few thousand per block, which bounds M2's relative error near 1e-12 in
+float64. A constant block gives d == 0 exactly, hence its exact value as the mean and M2 == 0,
+so a constant channel normalizes to exactly beta; offsets such as 1e6 cost nothing either.
+Blocks are combined with Chan et al.'s pairwise update in a fixed order, so a result never
+depends on how many threads produced the partials. A later cross-process SyncBatchNorm
+exchanges exactly these partials.
 
 Everything here is a small @njit helper that the kernels inline; nothing validates.
 """
@@ -18,18 +22,31 @@ from ._jit import helper
 
 
 @helper
-def plane_moments(plane, lo, hi):
-    """(mean, M2) of plane[lo:hi], a contiguous run of one channel."""
-    shift = np.float64(plane[lo])
-    total = 0.0
-    for i in range(lo, hi):
-        total += np.float64(plane[i]) - shift
-    mean_offset = total / (hi - lo)
-    m2 = 0.0
-    for i in range(lo, hi):
-        deviation = (np.float64(plane[i]) - shift) - mean_offset
-        m2 += deviation * deviation
+def shifted_moments(shift, count, sum_d, sum_d2):
+    """(mean, M2) of a block from its sums of d = x - shift and d**2."""
+    mean_offset = sum_d / count
+    m2 = sum_d2 - sum_d * mean_offset
+    if m2 < 0.0:  # rounding only; `not >=` would also catch NaN, which must propagate
+        m2 = 0.0
     return shift + mean_offset, m2
+
+
+@helper
+def run_moments(run):
+    """(mean, M2) of a contiguous run of one channel's values.
+
+    The loop starts at 0 on purpose: Numba guards signed indices against negative
+    wraparound, and only an induction variable that starts at 0 lets LLVM drop the guard and
+    vectorize.
+    """
+    shift = np.float64(run[0])
+    sum_d = 0.0
+    sum_d2 = 0.0
+    for i in range(run.size):
+        d = np.float64(run[i]) - shift
+        sum_d += d
+        sum_d2 += d * d
+    return shifted_moments(shift, np.float64(run.size), sum_d, sum_d2)
 
 
 @helper
