@@ -378,3 +378,19 @@ def test_pickle_of_a_module_without_affine_or_tracking():
     copied = pickle.loads(pickle.dumps(bn))
     assert copied.weight is None and copied.running_mean is None
     assert copied.num_batches_tracked is None and copied._saved is None
+
+
+# ----------------------------------------------------------------------------- long run
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_long_run_memory_and_running_statistics(channels_last):
+    import longrun  # tests/longrun.py, also a script
+
+    lines = []
+    ok, numbers = longrun.run(10_000, channels_last, report=lines.append)
+    print("\n".join(lines))
+    assert numbers["rss_growth_mb"] < longrun.RSS_LIMIT_MB, lines
+    assert numbers["mean_error"] <= longrun.STAT_TOLERANCE, lines
+    assert numbers["var_rel_error"] <= longrun.STAT_TOLERANCE, lines
+    assert ok
