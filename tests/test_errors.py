@@ -575,3 +575,17 @@ def test_the_unchanged_check_notices_a_change():
         bn, x, dy = trained()
         with pytest.raises(AssertionError):
             raises_and_keeps(bn, dy, corrupt(change), ValueError, "boom")
+
+
+@pytest.mark.parametrize("shape", [(0, C), (0, C, 4), (2, C, 0)])
+def test_functional_empty_batch(shape):
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+    y = F.batch_norm(np.zeros(shape, np.float32), rm, rv, training=True)
+    assert y.shape == shape
+    assert np.array_equal(rm, np.full(C, 0.5)) and np.array_equal(rv, np.full(C, 2.0))
+    y, save_mean, save_invstd = F.batch_norm_forward(np.zeros(shape, np.float64))
+    assert y.shape == shape and save_mean.shape == (C,) and np.isnan(save_invstd).all()
+    dx, grad_weight, grad_bias = F.batch_norm_backward(y, y, save_mean, save_invstd)
+    assert dx.shape == shape and not grad_weight.any() and not grad_bias.any()
+    with pytest.raises(ValueError, match="cannot compute moments of an empty batch"):
+        F.channel_moments(np.zeros(shape, np.float32))
