@@ -1,0 +1,127 @@
+"""Shared cases for the core suite: dtypes, layouts, shapes by rank, and seeded inputs.
+
+Shapes are written channels-first, (N, C, *spatial); ``physical_shape`` turns one into the
+channels-last (N, *spatial, C) shape. The cases are small on purpose (Numba compiles each kernel
+per dtype on first use, so reusing two dtypes and few array kinds keeps a cold run short); the
+LARGE_* shapes are at least 32768 elements so that the parallel kernel twins run too.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+
+import fastbn
+
+DTYPES = [np.float32, np.float64]
+LAYOUTS = [False, True]  # channels_last
+
+# Odd sizes, C = 1, and N = 1 with more than one spatial value, for each rank 2..5.
+SHAPES_BY_RANK = {
+    2: [(5, 3), (6, 1)],
+    3: [(3, 5, 7), (1, 4, 9), (4, 1, 3)],
+    4: [(3, 5, 7, 11), (2, 1, 3, 4), (1, 3, 2, 5)],
+    5: [(2, 3, 2, 3, 4), (1, 2, 3, 1, 5)],
+}
+SHAPES = [shape for shapes in SHAPES_BY_RANK.values() for shape in shapes]
+
+# >= 32768 elements: parallel twins. One plane layout with few channels (by_block schedule),
+# one with many (by_channel), channels-last with an odd C, and a plain (N, C) matrix.
+LARGE_SHAPES = [(4, 3, 64, 48), (8, 16, 16, 17), (16, 5, 21, 20), (2048, 17)]
+
+MODULE_FOR_RANK = {2: fastbn.BatchNorm1d, 3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d,
+                   5: fastbn.BatchNorm3d}
+
+
+def layout_id(channels_last):
+    return "channels_last" if channels_last else "channels_first"
+
+
+def dtype_id(dtype):
+    return np.dtype(dtype).name
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def physical_shape(shape, channels_last):
+    """The array shape for channels-first shape ``shape`` in the given layout."""
+    if channels_last and len(shape) > 2:
+        return (shape[0],) + tuple(shape[2:]) + (shape[1],)
+    return tuple(shape)
+
+
+def channel_count(shape):
+    return shape[1]
+
+
+def seeded_rng(*key):
+    """A generator seeded from a readable key, so every test draws fixed data."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def make_input(rng, shape, dtype, channels_last=False):
+    """Per-channel offset and spread (so per-channel statistics matter), in layout order."""
+    n_channels = shape[1]
+    loc = rng.uniform(-3.0, 3.0, n_channels)
+    spread = rng.uniform(0.5, 2.0, n_channels)
+    x = rng.standard_normal(shape) * spread.reshape((1, -1) + (1,) * (len(shape) - 2))
+    x += loc.reshape((1, -1) + (1,) * (len(shape) - 2))
+    if channels_last and len(shape) > 2:
+        x = np.moveaxis(x, 1, -1)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def make_params(rng, n_channels, dtype):
+    """Random weight (both signs, away from 0) and bias."""
+    weight = rng.uniform(0.5, 1.5, n_channels) * rng.choice([-1.0, 1.0], n_channels)
+    bias = rng.uniform(-1.0, 1.0, n_channels)
+    return weight.astype(dtype), bias.astype(dtype)
+
+
+def make_running(rng, n_channels, dtype):
+    """Plausible running statistics: any mean, a positive variance."""
+    mean = rng.uniform(-2.0, 2.0, n_channels)
+    var = rng.uniform(0.25, 4.0, n_channels)
+    return mean.astype(dtype), var.astype(dtype)
+
+
+MEMORY_KINDS = ["contiguous", "strided", "fortran", "readonly"]
+
+
+def in_memory(x, kind):
+    """x with the same values but another memory arrangement."""
+    if kind == "contiguous":
+        return np.ascontiguousarray(x)
+    if kind == "strided":
+        wide = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+        view = wide[..., ::2]
+        view[...] = x
+        assert not view.flags.c_contiguous
+        return view
+    if kind == "fortran":
+        f = np.asfortranarray(x)
+        assert f.flags.f_contiguous
+        return f
+    if kind == "readonly":
+        r = np.array(x)
+        r.setflags(write=False)
+        return r
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=DTYPES, ids=dtype_id)
+def dtype(request):
+    return np.dtype(request.param)
+
+
+@pytest.fixture(params=LAYOUTS, ids=layout_id)
+def channels_last(request):
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id: fixed data per test, different across tests."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,152 @@
+"""Bitwise reproducibility: thread counts, the two NCHW schedules, serial vs parallel twins.
+
+The work partition depends on the shape alone and partials merge in a fixed order, so every
+way of running a call must give the same bits: compared with array_equal, not allclose. The
+float64 saved statistics are the most sensitive witness, since any change in summation order
+shows in their last bits.
+"""
+
+import numba
+import numpy as np
+import pytest
+
+import fastbn
+import fastbn._jit
+import fastbn.functional
+import reference as ref
+from conftest import (LARGE_SHAPES, MODULE_FOR_RANK, make_input, make_params, make_running,
+                      seeded_rng, shape_id)
+
+needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                                       reason="Numba has fewer than 2 threads here")
+
+
+def run_everything(x, dy, weight, bias, running, channels_last):
+    """Every public computation on one input, as a dict of named arrays."""
+    running_mean, running_var = (a.copy() for a in running)
+    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, running_mean=running_mean,
+                                                running_var=running_var, momentum=0.1,
+                                                channels_last=channels_last)
+    dx, gw, gb = fastbn.batch_norm_backward(dy, x, mean, invstd, weight,
+                                            channels_last=channels_last)
+    y_eval = fastbn.batch_norm(x, running[0], running[1], weight, bias, False,
+                               channels_last=channels_last)
+    eval_invstd = ref.inverse_std(running[1], 1e-5)
+    dx_eval, gw_eval, gb_eval = fastbn.batch_norm_backward(
+        dy, x, running[0].astype(np.float64), eval_invstd, weight, training=False,
+        channels_last=channels_last)
+    count, m_mean, m2 = fastbn.channel_moments(x, channels_last=channels_last)
+    return dict(y=y, save_mean=mean, save_invstd=invstd, running_mean=running_mean,
+                running_var=running_var, dx=dx, grad_weight=gw, grad_bias=gb, y_eval=y_eval,
+                dx_eval=dx_eval, grad_weight_eval=gw_eval, grad_bias_eval=gb_eval, count=count,
+                moments_mean=m_mean, moments_m2=m2)
+
+
+def case(shape, dtype, channels_last, seed_key):
+    rng = seeded_rng(shape, np.dtype(dtype).name, channels_last, seed_key)
+    x = make_input(rng, shape, dtype, channels_last)
+    dy = make_input(rng, shape, dtype, channels_last)
+    weight, bias = make_params(rng, shape[1], dtype)
+    return x, dy, weight, bias, make_running(rng, shape[1], dtype)
+
+
+def assert_identical(first, second, what):
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(second[key], first[key], err_msg=f"{what}: {key}")
+        assert second[key].dtype == first[key].dtype
+
+
+@needs_two_threads
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=shape_id)
+def test_one_and_two_threads_give_the_same_bits(shape, dtype, channels_last):
+    args = case(shape, dtype, channels_last, "threads")
+    assert args[0].size >= fastbn._jit.SERIAL_BELOW_ELEMENTS  # the parallel twins run
+    with fastbn._jit.num_threads(1):
+        one = run_everything(*args, channels_last)
+    with fastbn._jit.num_threads(2):
+        two = run_everything(*args, channels_last)
+    assert_identical(one, two, "1 vs 2 threads")
+    # And the bits are right, not only repeatable.
+    expected = ref.forward_train(args[0], args[2], args[3], 1e-5, channels_last)
+    ref.assert_close(one["save_mean"], expected[1], np.float64, np.max(np.abs(args[0])))
+
+
+@needs_two_threads
+def test_num_threads_restores_the_previous_count():
+    before = numba.get_num_threads()
+    with fastbn._jit.num_threads(1):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with fastbn._jit.num_threads(2):
+            assert numba.get_num_threads() == 2
+            raise RuntimeError("inside")
+    assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 9, 4100), LARGE_SHAPES[0],
+                                   LARGE_SHAPES[1]], ids=shape_id)
+def test_by_channel_and_by_block_schedules_give_the_same_bits(shape, parallel, dtype,
+                                                             monkeypatch):
+    """NCHW only: channels-last input has a single schedule. (2, 9, 4100) cuts each plane into
+    two runs of the 4096-value chunk partition, so partials merge across runs too."""
+    args = case(shape, dtype, False, "schedule")
+    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0 if parallel else 1 << 62)
+    monkeypatch.setattr(fastbn.functional, "_schedule_by_channel", lambda plan: True)
+    by_channel = run_everything(*args, False)
+    monkeypatch.setattr(fastbn.functional, "_schedule_by_channel", lambda plan: False)
+    by_block = run_everything(*args, False)
+    assert_identical(by_channel, by_block, "by_channel vs by_block")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 9, 4100), (37, 5), LARGE_SHAPES[0],
+                                   LARGE_SHAPES[3]], ids=shape_id)
+def test_serial_and_parallel_twins_give_the_same_bits(shape, dtype, channels_last,
+                                                      monkeypatch):
+    args = case(shape, dtype, channels_last, "twins")
+    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 1 << 62)
+    serial = run_everything(*args, channels_last)
+    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0)
+    parallel = run_everything(*args, channels_last)
+    assert_identical(serial, parallel, "serial vs parallel")
+
+
+def test_twin_selection_follows_the_threshold(monkeypatch):
+    """Guard for the monkeypatching above: select() reads SERIAL_BELOW_ELEMENTS per call."""
+    pair = fastbn._jit.KernelPair.__new__(fastbn._jit.KernelPair)
+    pair.parallel, pair.serial = "parallel", "serial"
+    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 100)
+    assert pair.select(99) == "serial"
+    assert pair.select(100) == "parallel"
+    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0)
+    assert pair.select(1) == "parallel"
+
+
+def test_repeated_calls_give_the_same_bits(dtype, channels_last):
+    """Workspaces are reused between calls; nothing from one call may leak into the next."""
+    shape = (4, 6, 5, 3)
+    args = case(shape, dtype, channels_last, "repeat")
+    first = run_everything(*args, channels_last)
+    # A different shape and input in between, sharing the thread's workspace cache.
+    other = case((4, 6, 2, 3), dtype, channels_last, "other")
+    run_everything(*other, channels_last)
+    assert_identical(first, run_everything(*args, channels_last), "repeat")
+
+
+@needs_two_threads
+def test_module_training_is_reproducible_across_thread_counts(channels_last):
+    """Several training steps and a backward: identical module state with 1 and 2 threads."""
+    shape = LARGE_SHAPES[2]
+    results = []
+    for threads in (1, 2):
+        module = MODULE_FOR_RANK[len(shape)](shape[1], channels_last=channels_last)
+        rng = np.random.default_rng(20240611)
+        with fastbn._jit.num_threads(threads):
+            for _ in range(3):
+                y = module(make_input(rng, shape, np.float32, channels_last))
+            dx = module.backward(make_input(rng, shape, np.float32, channels_last))
+        results.append(dict(y=y, dx=dx, grad_weight=module.grad_weight,
+                            grad_bias=module.grad_bias, **module.state_dict()))
+    assert_identical(results[0], results[1], "module, 1 vs 2 threads")
