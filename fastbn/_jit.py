@@ -20,6 +20,7 @@ that layer:
   aborts the process when two threads enter it.
 """
 
+import hashlib
 import os
 import threading
 import types
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 
 import numba
 from numba import njit
+from numba.core.caching import FunctionCache
 
 # Reassociation lets LLVM vectorize the float64 reductions with several accumulators and
 # contraction lets it use FMA. nnan/ninf are left out on purpose: NaN and inf in the input must
@@ -50,6 +52,36 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_mark_forked_child)
 
 
+# Kernels inline helpers from other modules, but Numba invalidates a cached kernel only when
+# the kernel's own file changes. Keying every kernel's cache entry on all of these sources too
+# means an edited helper can never be served from a stale cache.
+_KERNEL_SOURCES = ("_jit.py", "_moments.py", "_kernels_nchw.py", "_kernels_nhwc.py")
+_source_digest = None
+
+
+def _kernel_source_digest():
+    global _source_digest
+    if _source_digest is None:
+        digest = hashlib.sha256()
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in _KERNEL_SOURCES:
+            with open(os.path.join(here, name), "rb") as source:
+                digest.update(source.read())
+        _source_digest = digest.hexdigest()
+    return _source_digest
+
+
+class _SourceKeyedCache(FunctionCache):
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (_kernel_source_digest(),)
+
+
+def _cached_njit(py_func, **options):
+    dispatcher = njit(**options)(py_func)
+    dispatcher._cache = _SourceKeyedCache(py_func)
+    return dispatcher
+
+
 class KernelPair:
     """A parallel and a serial compilation of one kernel function."""
 
@@ -64,8 +96,8 @@ class KernelPair:
         )
         serial_func.__qualname__ = py_func.__qualname__ + "_serial"
         serial_func.__doc__ = py_func.__doc__
-        self.parallel = njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)(py_func)
-        self.serial = njit(parallel=False, cache=True, nogil=True, fastmath=FASTMATH)(serial_func)
+        self.parallel = _cached_njit(py_func, parallel=True, nogil=True, fastmath=FASTMATH)
+        self.serial = _cached_njit(serial_func, parallel=False, nogil=True, fastmath=FASTMATH)
         self.__name__ = py_func.__name__
 
     def select(self, n_elements):
@@ -93,8 +125,21 @@ def parallel_kernel(py_func):
 
 
 def helper(py_func):
-    """Decorator for small inner functions that kernels call; LLVM inlines them."""
-    return njit(cache=True, nogil=True, fastmath=FASTMATH)(py_func)
+    """Decorator for small inner functions that kernels call; LLVM inlines them.
+
+    Not cached on disk by themselves: they only matter while a kernel compiles, and a cached
+    helper could outlive an edit to a helper it calls.
+    """
+    return njit(nogil=True, fastmath=FASTMATH)(py_func)
+
+
+def exact_helper(py_func):
+    """Decorator for scalar per-channel arithmetic: compiled without fast-math flags.
+
+    Fast math buys nothing outside vectorized loops, and with it LLVM may rewrite the
+    inf/NaN handling (np.isfinite tests, Chan's update) that must match PyTorch.
+    """
+    return njit(nogil=True)(py_func)
 
 
 def parallel_is_safe():

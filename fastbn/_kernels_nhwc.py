@@ -14,8 +14,7 @@ from numba import prange
 
 from ._jit import helper, parallel_kernel
 from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, inverse_std,
-                       shifted_moments,
-                       set_affine_coefficients)
+                       finite_or_zero, set_affine_coefficients, shifted_moments)
 
 
 @helper
@@ -54,7 +53,7 @@ def block_moments(xf, n_channels, start, end, partial):
     sum_d = np.zeros(width)
     sum_d2 = np.zeros(width)
     for k in range(width):
-        shift[k] = np.float64(xf[start + k % n_channels])
+        shift[k] = finite_or_zero(np.float64(xf[start + k % n_channels]))
     for g in range(body.shape[0]):
         for k in range(width):
             d = np.float64(body[g, k]) - shift[k]

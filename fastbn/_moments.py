@@ -18,10 +18,20 @@ Everything here is a small @njit helper that the kernels inline; nothing validat
 
 import numpy as np
 
-from ._jit import helper
+from ._jit import exact_helper, helper
 
 
-@helper
+@exact_helper
+def finite_or_zero(value):
+    """A block's shift: its first value, unless that is inf or NaN.
+
+    An infinite shift would turn the block's other infinities into inf - inf = NaN, where
+    PyTorch's plain sum gives an infinite mean.
+    """
+    return value if np.isfinite(value) else 0.0
+
+
+@exact_helper
 def shifted_moments(shift, count, sum_d, sum_d2):
     """(mean, M2) of a block from its sums of d = x - shift and d**2."""
     mean_offset = sum_d / count
@@ -39,7 +49,7 @@ def run_moments(run):
     wraparound, and only an induction variable that starts at 0 lets LLVM drop the guard and
     vectorize.
     """
-    shift = np.float64(run[0])
+    shift = finite_or_zero(np.float64(run[0]))
     sum_d = 0.0
     sum_d2 = 0.0
     for i in range(run.size):
@@ -49,18 +59,26 @@ def run_moments(run):
     return shifted_moments(shift, np.float64(run.size), sum_d, sum_d2)
 
 
-@helper
+@exact_helper
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Chan et al.'s combination of two partials; counts are float64."""
     count = count_a + count_b
+    if mean_a == mean_b:
+        # Exact for constant channels, and keeps a same-signed infinite mean.
+        return count, mean_a, m2_a + m2_b
     delta = mean_b - mean_a
     weight_b = count_b / count
-    mean = mean_a + delta * weight_b
+    if np.isinf(mean_a) or np.isinf(mean_b):
+        # PyTorch's plain sum: inf beside finite values stays inf, +inf beside -inf is NaN;
+        # the update form below would compute inf - inf.
+        mean = mean_a + mean_b
+    else:
+        mean = mean_a + delta * weight_b
     m2 = m2_a + m2_b + delta * delta * count_a * weight_b
     return count, mean, m2
 
 
-@helper
+@exact_helper
 def inverse_std(var, eps):
     """1/sqrt(var + eps), and 0 where both are 0, as PyTorch's CPU kernel defines it."""
     if var == 0.0 and eps == 0.0:
@@ -68,7 +86,7 @@ def inverse_std(var, eps):
     return 1.0 / np.sqrt(var + eps)
 
 
-@helper
+@exact_helper
 def update_running(running_mean, running_var, c, mean, var_unbiased, momentum):
     """running = (1 - momentum) * running + momentum * batch, computed in float64."""
     keep = 1.0 - momentum
@@ -76,7 +94,7 @@ def update_running(running_mean, running_var, c, mean, var_unbiased, momentum):
     running_var[c] = keep * np.float64(running_var[c]) + momentum * var_unbiased
 
 
-@helper
+@exact_helper
 def set_affine_coefficients(coef, c, mean, invstd, weight_c, bias_c):
     """coef[:, c] = (shift, alpha, beta) so that y = (x - shift) * alpha + beta.
 
@@ -92,7 +110,7 @@ def set_affine_coefficients(coef, c, mean, invstd, weight_c, bias_c):
     coef[2, c] = bias_c - mean_remainder * alpha
 
 
-@helper
+@exact_helper
 def set_backward_coefficients(coef, c, mean, invstd, weight_c, sum_dy, sum_dy_xmu, count):
     """coef[:, c] = (shift, k_dy, k_x, k_0) so that dx = dy*k_dy + (x - shift)*k_x + k_0.
 
@@ -110,7 +128,7 @@ def set_backward_coefficients(coef, c, mean, invstd, weight_c, sum_dy, sum_dy_xm
     coef[3, c] = k_0
 
 
-@helper
+@exact_helper
 def finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
                          weight, bias, save_mean, save_invstd, coef):
     """From a channel's merged batch moments: saved statistics, running update, coefficients."""
@@ -122,7 +140,7 @@ def finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean
     set_affine_coefficients(coef, c, mean, invstd, np.float64(weight[c]), np.float64(bias[c]))
 
 
-@helper
+@exact_helper
 def finish_grad_channel(c, count, sum_dy, sum_dy_dev, mean, invstd, weight, grad_weight,
                         grad_bias, coef):
     """From a channel's gradient sums: grad_weight, grad_bias and the dx coefficients.

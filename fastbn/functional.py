@@ -180,10 +180,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
     y = _output(out, x)
     check_no_overlap(y, x, "out", "x", allow_same=True)
     weight, bias = _params(weight, bias, n_channels, x.dtype)
-    if update:
-        previous_mean = running_mean.copy()
-    else:
-        previous_mean = None
+    if not update:
         running_mean = running_var = weight  # never written: the kernel's update flag is off
     save_mean = np.empty(n_channels, np.float64)
     save_invstd = np.empty(n_channels, np.float64)
@@ -199,26 +196,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
             plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
             running_var, plan.block_rows, ws.lanes, save_mean, save_invstd, ws.coef,
             ws.coef_lanes, plan.view(y))
-    if np.isnan(save_mean).any() and not np.may_share_memory(y, x):
-        _restore_infinite_means(x, channels_last, save_mean, previous_mean, running_mean,
-                                momentum)
     return y, save_mean, save_invstd
-
-
-def _restore_infinite_means(x, channels_last, save_mean, previous_mean, running_mean, momentum):
-    """Give channels whose values include inf of one sign (and no NaN) torch's mean, that inf.
-
-    The kernels' shifted partials turn inf - inf into NaN. Only channels whose mean came out
-    NaN are summed again, plainly, so finite input never pays for this.
-    """
-    axis = x.ndim - 1 if channels_last else 1
-    for c in np.flatnonzero(np.isnan(save_mean)):
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = np.take(x, c, axis=axis).sum(dtype=np.float64)
-        if np.isinf(mean):
-            save_mean[c] = mean
-            if previous_mean is not None:
-                running_mean[c] = (1.0 - momentum) * np.float64(previous_mean[c]) + momentum * mean
 
 
 def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out):
