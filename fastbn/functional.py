@@ -143,6 +143,22 @@ def _schedule_by_channel(plan):
     return plan.n_channels >= 4 * numba.get_num_threads()
 
 
+def _planes_kernel(by_channel, by_block, plan, size):
+    """The NCHW twin to run; both schedules give identical bits, so only speed decides."""
+    kernel = by_block.select(size)
+    if kernel is by_block.serial or not _schedule_by_channel(plan):
+        return kernel
+    return by_channel.select(size)
+
+
+def _new_or_checked_output(out, x, allow_same):
+    if out is None:
+        return np.empty(x.shape, x.dtype)
+    out = _output(out, x)
+    check_no_overlap(out, x, "out", "x", allow_same=allow_same)
+    return out
+
+
 # ----------------------------------------------------------------------------- forward
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None,
@@ -177,20 +193,18 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
     plan = plan_for(x.shape, channels_last)
     check_batch_size(x, plan)
     x = _contiguous(x)
-    y = _output(out, x)
-    check_no_overlap(y, x, "out", "x", allow_same=True)
+    y = _new_or_checked_output(out, x, allow_same=True)
     weight, bias = _params(weight, bias, n_channels, x.dtype)
     if not update:
         running_mean = running_var = weight  # never written: the kernel's update flag is off
-    save_mean = np.empty(n_channels, np.float64)
-    save_invstd = np.empty(n_channels, np.float64)
+    saved = np.empty((2, n_channels), np.float64)
+    save_mean, save_invstd = saved[0], saved[1]
     ws = workspace_for(plan, x.dtype)
     if plan.kind == "planes":
-        pair = (planes.train_forward_nchw_by_channel if _schedule_by_channel(plan)
-                else planes.train_forward_nchw_by_block)
-        pair.select(x.size)(plan.view(x), weight, bias, eps, momentum, update, running_mean,
-                            running_var, plan.chunk, ws.part_a, ws.part_b, save_mean,
-                            save_invstd, ws.coef, plan.view(y))
+        kernel = _planes_kernel(planes.train_forward_nchw_by_channel,
+                                planes.train_forward_nchw_by_block, plan, x.size)
+        kernel(plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
+               plan.chunk, ws.part_a, ws.part_b, save_mean, save_invstd, ws.coef, plan.view(y))
     else:
         rows.train_forward_nhwc.select(x.size)(
             plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
@@ -201,8 +215,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
 
 def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out):
     x = _contiguous(x)
-    y = _output(out, x)
-    check_no_overlap(y, x, "out", "x", allow_same=True)
+    y = _new_or_checked_output(out, x, allow_same=True)
     if x.size == 0:
         return y
     plan = plan_for(x.shape, channels_last)
@@ -270,11 +283,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     param_dtype = weight.dtype if weight is not None else x.dtype
     x = _contiguous(x)
     dy = _contiguous(dy)
-    dx = _output(out, x)
-    check_no_overlap(dx, x, "out", "x")
-    check_no_overlap(dx, dy, "out", "dy", allow_same=True)
-    grad_weight = np.zeros(n_channels, param_dtype)
-    grad_bias = np.zeros(n_channels, param_dtype)
+    if out is None:
+        dx = np.empty(x.shape, x.dtype)
+    else:
+        dx = _output(out, x)
+        check_no_overlap(dx, x, "out", "x")
+        check_no_overlap(dx, dy, "out", "dy", allow_same=True)
+    grads = np.zeros((2, n_channels), param_dtype)
+    grad_weight, grad_bias = grads[0], grads[1]
     if x.size == 0:
         return dx, grad_weight, grad_bias
     plan = plan_for(x.shape, channels_last)
@@ -284,12 +300,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     ws = workspace_for(plan, x.dtype)
     if plan.kind == "planes":
         if training:
-            pair = (planes.train_backward_nchw_by_channel if _schedule_by_channel(plan)
-                    else planes.train_backward_nchw_by_block)
+            kernel = _planes_kernel(planes.train_backward_nchw_by_channel,
+                                    planes.train_backward_nchw_by_block, plan, x.size)
         else:
-            pair = planes.eval_backward_nchw
-        pair.select(x.size)(plan.view(dy), plan.view(x), mean, invstd, weight, plan.chunk,
-                            ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, plan.view(dx))
+            kernel = planes.eval_backward_nchw.select(x.size)
+        kernel(plan.view(dy), plan.view(x), mean, invstd, weight, plan.chunk, ws.part_a,
+               ws.part_b, ws.coef, grad_weight, grad_bias, plan.view(dx))
     else:
         pair = rows.train_backward_nhwc if training else rows.eval_backward_nhwc
         pair.select(x.size)(plan.view(dy), plan.view(x), n_channels, mean, invstd, weight,
