@@ -1,0 +1,23 @@
+"""The NumPy reference, beside fastbn on the dashboard: the baseline of the speedups."""
+
+from .common import PARAM_NAMES, PARAMS, NumpyBatchNorm, make_arrays
+
+
+class NumpyReference:
+    """Straightforward vectorized NumPy at the input dtype; it allocates its results, as
+    NumPy code does."""
+
+    params = PARAMS
+    param_names = PARAM_NAMES
+
+    def setup(self, shape, layout, dtype):
+        self.bn = NumpyBatchNorm(make_arrays(shape, layout, dtype), layout)
+
+    def time_train_forward(self, shape, layout, dtype):
+        self.bn.train_forward()
+
+    def time_eval_forward(self, shape, layout, dtype):
+        self.bn.eval_forward()
+
+    def time_backward(self, shape, layout, dtype):
+        self.bn.backward()
