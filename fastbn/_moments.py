@@ -18,10 +18,10 @@ Everything here is a small @njit helper that the kernels inline; nothing validat
 
 import numpy as np
 
-from ._jit import exact_helper, helper
+from ._jit import helper
 
 
-@exact_helper
+@helper
 def finite_or_zero(value):
     """A block's shift: its first value, unless that is inf or NaN.
 
@@ -31,7 +31,7 @@ def finite_or_zero(value):
     return value if np.isfinite(value) else 0.0
 
 
-@exact_helper
+@helper
 def shifted_moments(shift, count, sum_d, sum_d2):
     """(mean, M2) of a block from its sums of d = x - shift and d**2."""
     mean_offset = sum_d / count
@@ -59,7 +59,7 @@ def run_moments(run):
     return shifted_moments(shift, np.float64(run.size), sum_d, sum_d2)
 
 
-@exact_helper
+@helper
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Chan et al.'s combination of two partials; counts are float64."""
     count = count_a + count_b
@@ -78,7 +78,7 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean, m2
 
 
-@exact_helper
+@helper
 def inverse_std(var, eps):
     """1/sqrt(var + eps), and 0 where both are 0, as PyTorch's CPU kernel defines it."""
     if var == 0.0 and eps == 0.0:
@@ -86,7 +86,7 @@ def inverse_std(var, eps):
     return 1.0 / np.sqrt(var + eps)
 
 
-@exact_helper
+@helper
 def update_running(running_mean, running_var, c, mean, var_unbiased, momentum):
     """running = (1 - momentum) * running + momentum * batch, computed in float64."""
     keep = 1.0 - momentum
@@ -94,7 +94,7 @@ def update_running(running_mean, running_var, c, mean, var_unbiased, momentum):
     running_var[c] = keep * np.float64(running_var[c]) + momentum * var_unbiased
 
 
-@exact_helper
+@helper
 def set_affine_coefficients(coef, c, mean, invstd, weight_c, bias_c):
     """coef[:, c] = (shift, alpha, beta) so that y = (x - shift) * alpha + beta.
 
@@ -110,7 +110,7 @@ def set_affine_coefficients(coef, c, mean, invstd, weight_c, bias_c):
     coef[2, c] = bias_c - mean_remainder * alpha
 
 
-@exact_helper
+@helper
 def set_backward_coefficients(coef, c, mean, invstd, weight_c, sum_dy, sum_dy_xmu, count):
     """coef[:, c] = (shift, k_dy, k_x, k_0) so that dx = dy*k_dy + (x - shift)*k_x + k_0.
 
@@ -128,7 +128,7 @@ def set_backward_coefficients(coef, c, mean, invstd, weight_c, sum_dy, sum_dy_xm
     coef[3, c] = k_0
 
 
-@exact_helper
+@helper
 def finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
                          weight, bias, save_mean, save_invstd, coef):
     """From a channel's merged batch moments: saved statistics, running update, coefficients."""
@@ -140,7 +140,7 @@ def finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean
     set_affine_coefficients(coef, c, mean, invstd, np.float64(weight[c]), np.float64(bias[c]))
 
 
-@exact_helper
+@helper
 def finish_grad_channel(c, count, sum_dy, sum_dy_dev, mean, invstd, weight, grad_weight,
                         grad_bias, coef):
     """From a channel's gradient sums: grad_weight, grad_bias and the dx coefficients.
