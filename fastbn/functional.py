@@ -186,6 +186,14 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
         running_var = _channel_vector(running_var, n_channels, "running_var", writeable=True)
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
+    return _batch_stats_forward(x, channels_last, weight, bias, eps, momentum,
+                                running_mean if update else None, running_var, out)
+
+
+def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_mean,
+                         running_var, out):
+    """batch_norm_forward after validation; running buffers are updated unless None."""
+    n_channels = x.shape[-1 if channels_last else 1]
     if x.size == 0:
         y = _output(out, x)
         nan = np.full(n_channels, np.nan)
@@ -195,6 +203,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
     x = _contiguous(x)
     y = _new_or_checked_output(out, x, allow_same=True)
     weight, bias = _params(weight, bias, n_channels, x.dtype)
+    update = running_mean is not None
     if not update:
         running_mean = running_var = weight  # never written: the kernel's update flag is off
     saved = np.empty((2, n_channels), np.float64)

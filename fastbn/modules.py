@@ -152,11 +152,21 @@ class _BatchNorm:
         F.check_channels(x, self.num_features, self.channels_last)
         return x
 
+    def _checked_state(self):
+        """weight, bias, running_mean, running_var, checked: they are public attributes a
+        caller may have replaced, and kernels index them without bounds checks."""
+        n = self.num_features
+        return (F._channel_vector(self.weight, n, "weight"),
+                F._channel_vector(self.bias, n, "bias"),
+                F._channel_vector(self.running_mean, n, "running_mean", writeable=True),
+                F._channel_vector(self.running_var, n, "running_var", writeable=True))
+
     def forward(self, x, out=None):
         x = self._check_input(x)
         if out is not None:
             # backward needs x as it was, so the module never writes over it.
             F.check_no_overlap(F._output(out, x), x, "out", "x")
+        weight, bias, running_mean, running_var = self._checked_state()
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             update = self.training and self.track_running_stats
@@ -164,18 +174,16 @@ class _BatchNorm:
             if update:
                 factor = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
                           else self.momentum)
-            y, mean, invstd = F.batch_norm_forward(
-                x, self.weight, self.bias, self.eps,
-                running_mean=self.running_mean if update else None,
-                running_var=self.running_var if update else None,
-                momentum=factor, channels_last=self.channels_last, out=out)
+            y, mean, invstd = F._batch_stats_forward(
+                x, self.channels_last, weight, bias, self.eps, factor,
+                running_mean if update else None, running_var, out)
             if update:
                 self.num_batches_tracked += 1
         else:
-            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             False, 0.0, self.eps, channels_last=self.channels_last, out=out)
+            y = F._eval_forward(x, running_mean, running_var, weight, bias, self.eps,
+                                self.channels_last, out)
             # Like autograd, keep the buffers themselves; invstd is derived in backward.
-            mean, invstd = self.running_mean, self.running_var
+            mean, invstd = running_mean, running_var
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 
