@@ -52,10 +52,6 @@ def physical_shape(shape, channels_last):
     return tuple(shape)
 
 
-def channel_count(shape):
-    return shape[1]
-
-
 def seeded_rng(*key):
     """A generator seeded from a readable key, so every test draws fixed data."""
     return np.random.default_rng(zlib.crc32(repr(key).encode()))

@@ -226,6 +226,10 @@ class ReferenceBatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._saved = None
+        # Largest magnitudes that have entered the buffers: each buffer is a convex combination
+        # of its initial value and the batch statistics, so these scale its rounding error.
+        self.mean_scale = 0.0
+        self.var_scale = 1.0
 
     def forward(self, x):
         use_batch_stats = self.training or not self.track_running_stats
@@ -238,6 +242,8 @@ class ReferenceBatchNorm:
                           else self.momentum)
                 self.running_mean = update_running(self.running_mean, mean, factor)
                 self.running_var = update_running(self.running_var, var_unbiased, factor)
+                self.mean_scale = max(self.mean_scale, float(np.max(np.abs(mean))))
+                self.var_scale = max(self.var_scale, float(np.max(var_unbiased)))
         else:
             y = forward_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                              self.eps, self.channels_last)

@@ -85,19 +85,28 @@ def test_num_threads_restores_the_previous_count():
     assert numba.get_num_threads() == before
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 9, 4100), LARGE_SHAPES[0],
                                    LARGE_SHAPES[1]], ids=shape_id)
-def test_by_channel_and_by_block_schedules_give_the_same_bits(shape, parallel, dtype,
-                                                             monkeypatch):
-    """NCHW only: channels-last input has a single schedule. (2, 9, 4100) cuts each plane into
-    two runs of the 4096-value chunk partition, so partials merge across runs too."""
+def test_by_channel_and_by_block_schedules_give_the_same_bits(shape, dtype, monkeypatch):
+    """NCHW only: channels-last input has a single schedule. The parallel twins are forced
+    (serial calls always take by_block). (2, 9, 4100) cuts each plane into two runs of the
+    4096-value chunk partition, so partials merge across runs too."""
     args = case(shape, dtype, False, "schedule")
-    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0 if parallel else 1 << 62)
-    monkeypatch.setattr(fastbn.functional, "_schedule_by_channel", lambda plan: True)
+    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0)
+    asked = []
+
+    def schedule(by_channel):
+        def choose(plan):
+            asked.append(by_channel)
+            return by_channel
+        return choose
+
+    monkeypatch.setattr(fastbn.functional, "_schedule_by_channel", schedule(True))
     by_channel = run_everything(*args, False)
-    monkeypatch.setattr(fastbn.functional, "_schedule_by_channel", lambda plan: False)
+    monkeypatch.setattr(fastbn.functional, "_schedule_by_channel", schedule(False))
     by_block = run_everything(*args, False)
+    # Both schedules were really chosen, for the forward and the backward.
+    assert asked.count(True) >= 2 and asked.count(False) >= 2
     assert_identical(by_channel, by_block, "by_channel vs by_block")
 
 
