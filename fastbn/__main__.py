@@ -25,7 +25,6 @@ TIMING = {
               "numpy": dict(budget_s=0.05, min_repeats=1, max_repeats=5, warmup=False),
               "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES // 2, repeats=5)},
 }
-OP_TITLES = {"train_forward": "train fwd", "eval_forward": "eval fwd", "backward": "backward"}
 
 
 def parse_args(argv):
@@ -163,7 +162,7 @@ def header_lines(machine, bandwidth, settings, torch_note):
         f"y = a*x + b over {bandwidth['bytes_moved'] // 2 >> 20} MiB into a reused buffer, "
         f"read + write, median of {len(bandwidth['samples_s'])})",
         f"- dtype {settings['dtype']}; roofline = (P * bytes / bandwidth) / time with P = "
-        + ", ".join(f"{p} ({OP_TITLES[op]})" for op, p in R.PASSES.items())
+        + ", ".join(f"{p} ({R.OP_TITLES[op]})" for op, p in R.PASSES.items())
         + "; GB/s = P * bytes / time",
         f"- speedups are time(peer) / time(fastbn), medians of one run; torch: {torch_note}",
         f"- command: {settings['command']}",
@@ -177,7 +176,7 @@ def table_lines(results):
     for op in R.OPS:
         for layout in R.LAYOUTS:
             for r in (r for r in results if r["op"] == op and r["layout"] == layout):
-                rows.append([OP_TITLES[op], layout, R.shape_label(r["shape"]),
+                rows.append([R.OP_TITLES[op], layout, R.shape_label(r["shape"]),
                              f"{r['bytes'] / 1e6:.3g}", format_seconds(r["fastbn"]["median_s"]),
                              f"{r['effective_bytes_per_s'] / 1e9:.1f}",
                              f"{r['roofline_fraction']:.2f}", format_ratio(r["speedup_vs_numpy"]),
@@ -197,62 +196,16 @@ def table_lines(results):
 def summary_lines(summary):
     lines = ["", "Geometric means over the shapes:", ""]
     for op, values in summary.items():
-        lines.append(f"- {OP_TITLES[op]}: roofline {values['roofline_fraction']:.2f}, "
+        lines.append(f"- {R.OP_TITLES[op]}: roofline {values['roofline_fraction']:.2f}, "
                      f"{format_ratio(values['speedup_vs_numpy'])} NumPy, "
                      f"{format_ratio(values['speedup_vs_torch'])} torch")
     return lines
 
 
-def matplotlib_or_none():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def write_plot(plt, path, report):
-    results, shapes = report["results"], report["settings"]["shapes"]
-    have_torch = any(r["speedup_vs_torch"] for r in results)
-    peer_key, peer_name = (("speedup_vs_torch", "torch") if have_torch
-                           else ("speedup_vs_numpy", "NumPy (torch not measured)"))
-    series = [(op, layout) for op in R.OPS for layout in R.LAYOUTS]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
-    width = 0.8 / len(series)
-    positions = np.arange(len(shapes))
-    for i, (op, layout) in enumerate(series):
-        by_shape = {tuple(r["shape"]): r for r in results
-                    if r["op"] == op and r["layout"] == layout}
-        rows = [by_shape.get(tuple(s)) for s in shapes]
-        roof = [r["roofline_fraction"] if r else np.nan for r in rows]
-        peer = [r[peer_key] if r and r[peer_key] else np.nan for r in rows]
-        offset = positions + (i - (len(series) - 1) / 2) * width
-        label = f"{OP_TITLES[op]} {layout}"
-        top.bar(offset, roof, width, label=label, color=f"C{R.OPS.index(op)}",
-                alpha=1.0 if layout == "NCHW" else 0.55)
-        bottom.bar(offset, peer, width, label=label, color=f"C{R.OPS.index(op)}",
-                   alpha=1.0 if layout == "NCHW" else 0.55)
-    machine = report["machine"]
-    top.axhline(1.0, color="black", linewidth=0.8)
-    top.set_ylabel("fraction of bandwidth roofline")
-    top.set_title(f"fastbn {machine['fastbn']} ({report['settings']['dtype']}) on {machine['cpu']}"
-                  f", {machine['numba_threads']} threads, "
-                  f"{report['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s")
-    top.legend(ncol=3, fontsize="small")
-    bottom.axhline(1.0, color="black", linewidth=0.8)
-    bottom.set_yscale("log")
-    bottom.set_ylabel(f"speedup against {peer_name}")
-    bottom.set_xticks(positions, [R.shape_label(s) for s in shapes], rotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
     import numba
 
+    from ._bench_plot import matplotlib_or_none, write_plot
     from ._bench_torch import time_torch
     from ._jit import num_threads
 

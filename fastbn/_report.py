@@ -21,6 +21,7 @@ import numpy as np
 
 PASSES = {"train_forward": 3, "eval_forward": 2, "backward": 5}
 OPS = tuple(PASSES)
+OP_TITLES = {"train_forward": "train fwd", "eval_forward": "eval fwd", "backward": "backward"}
 LAYOUTS = ("NCHW", "NHWC")
 # (batch, channels, *spatial); the last one is over 64 MB so that it runs out of cache.
 DEFAULT_SHAPES = ((32, 64, 56, 56), (64, 256, 14, 14), (8, 3, 224, 224), (256, 512, 7, 7),
