@@ -137,10 +137,11 @@ def summarize(results):
 
 
 def format_seconds(seconds):
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:#.3g} {unit}"
-    return f"{seconds * 1e9:#.3g} ns"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if seconds >= scale or unit == "ns":
+            value = seconds / scale
+            digits = 0 if value >= 100 else 1 if value >= 10 else 2
+            return f"{value:.{digits}f} {unit}"
 
 
 def format_ratio(value):
@@ -150,9 +151,12 @@ def format_ratio(value):
 def header_lines(machine, bandwidth, settings, torch_note):
     m = machine
     torch = f", torch {m['torch']}" if m["torch"] else ""
+    busy = m["load_average"] and m["load_average"][0] > (m["usable_cores"] or m["cores"])
     return [
         f"# fastbn {m['fastbn']} roofline report",
         "",
+        *(["**warning: the load average exceeded the core count: other work shared the "
+           "cores, so these timings are contended**", ""] if busy else []),
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
         f"Numba {m['numba_threads']} threads, threading layer {m['threading_layer']}"
         + (f", load average {m['load_average'][0]:.2f} at the start" if m["load_average"]
@@ -165,6 +169,7 @@ def header_lines(machine, bandwidth, settings, torch_note):
         + ", ".join(f"{p} ({R.OP_TITLES[op]})" for op, p in R.PASSES.items())
         + "; GB/s = P * bytes / time",
         f"- speedups are time(peer) / time(fastbn), medians of one run; torch: {torch_note}",
+        "- a roofline fraction above 1 means the tensor stayed in cache between passes",
         f"- command: {settings['command']}",
     ]
 
