@@ -30,10 +30,11 @@ import numba
 from numba import njit
 from numba.core.caching import FunctionCache
 
-# Reassociation lets LLVM vectorize the float64 reductions with several accumulators and
-# contraction lets it use FMA. nnan/ninf are left out on purpose: NaN and inf in the input must
-# propagate exactly as they do in PyTorch.
-FASTMATH = {"reassoc", "contract", "nsz"}
+# No fast-math at all: every reduction spells out its order in independent lane accumulators,
+# so LLVM can vectorize it without reassociating anything. With reassociation allowed, the
+# parallel and serial twins, compiled in different contexts, were vectorized differently and
+# disagreed in the last bit. Without nnan/ninf, NaN and inf also propagate as in PyTorch.
+FASTMATH = False
 
 # Below this many elements a parallel-region launch costs more than the work itself.
 SERIAL_BELOW_ELEMENTS = 1 << 15

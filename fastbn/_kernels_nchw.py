@@ -1,161 +1,166 @@
 """Channels-first kernels on an (N, C, L) view: each (n, c) plane is a contiguous run of L values.
 
-Work is split into fixed items: plane (n, c) cut into runs of `chunk` values. Each item's
-partial lands in column n * n_chunks + k of a (C, N * n_chunks) workspace, and a channel's
-columns are merged left to right, so results are the same for any thread count.
+Work is split into fixed items of about ITEM_VALUES values of one channel: a run of `chunk`
+values of one plane when planes are long, or `group` whole planes when they are short. Item j
+of channel c (j = g * n_chunks + k: plane group g, chunk k) leaves its partial in column j of a
+(C, items_per_channel) workspace, and a channel's columns are merged left to right, so results
+are the same for any thread count.
 
-Two schedules share that partition. `by_block` spreads all items over the threads and suits
-few channels. `by_channel` gives each thread whole channels and normalizes a channel right
-after reducing it, so the second read of its planes comes from cache while the channel fits
-(a few MB); it suits many channels. Both produce identical bits.
+Two schedules share that partition. `by_block` runs all items of all channels in one parallel
+region, merges serially, and normalizes in a second region; it suits few channels. `by_channel`
+gives each thread whole channels and normalizes a channel right after reducing it, one region
+in all, so the second read of a channel's planes can come from cache. Both give identical bits.
 
-Kernels do no validation and allocate nothing: the caller passes every buffer.
+Kernels do no validation and no allocation policy: the caller passes every buffer it gets
+back; only small per-item accumulators are made inside.
 """
 
 import numpy as np
 from numba import prange
 
 from ._jit import helper, parallel_kernel
-from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, inverse_std,
-                       run_moments, set_affine_coefficients)
+from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, finite_or_zero,
+                       inverse_std, set_affine_coefficients, shifted_moments)
+
+
+# Independent float64 accumulators per reduction: enough to hide the add latency and fill two
+# AVX2 registers.
+LANES = 8
 
 
 @helper
-def run_bounds(k, chunk, length):
+def lane_rows(run):
+    """A contiguous run as a (groups, LANES) view plus the fewer than LANES values left over."""
+    n_groups = run.size // LANES
+    split = n_groups * LANES
+    return run[:split].reshape(n_groups, LANES), run[split:]
+
+
+@helper
+def lane_total(lanes):
+    total = 0.0
+    for k in range(LANES):
+        total += lanes[k]
+    return total
+
+
+@helper
+def item_extent(j, group, chunk, n_batch, length):
+    """Planes [n0, n1) and values [lo, hi) of a channel's item j."""
+    n_chunks = (length + chunk - 1) // chunk
+    g = j // n_chunks
+    k = j - g * n_chunks
+    n0 = g * group
     lo = k * chunk
-    return lo, min(length, lo + chunk)
+    return n0, min(n_batch, n0 + group), lo, min(length, lo + chunk)
 
 
 @helper
-def merge_channel_partials(part_mean, part_m2, c, n_items, chunk, length, n_chunks):
+def item_count(j, group, chunk, n_batch, length):
+    n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+    return np.float64((n1 - n0) * (hi - lo))
+
+
+@helper
+def item_moments(x, c, n0, n1, lo, hi):
+    """(mean, M2) of one item, in one pass with the item's first value as shift.
+
+    Sums run in LANES independent accumulators, combined in a fixed order at the end: the
+    order is spelled out in the source rather than left to LLVM's vectorizer, so the serial
+    and parallel twins (compiled in different contexts) give identical bits.
+    """
+    shift = finite_or_zero(np.float64(x[n0, c, lo]))
+    sum_d = np.zeros(LANES)
+    sum_d2 = np.zeros(LANES)
+    for n in range(n0, n1):
+        body, tail = lane_rows(x[n, c, lo:hi])
+        for g in range(body.shape[0]):
+            for k in range(LANES):
+                d = np.float64(body[g, k]) - shift
+                sum_d[k] += d
+                sum_d2[k] += d * d
+        for k in range(tail.size):
+            d = np.float64(tail[k]) - shift
+            sum_d[k] += d
+            sum_d2[k] += d * d
+    return shifted_moments(shift, np.float64((n1 - n0) * (hi - lo)), lane_total(sum_d),
+                           lane_total(sum_d2))
+
+
+@helper
+def merge_channel(part_mean, part_m2, c, group, chunk, n_batch, length):
     """Merge channel c's item partials in column order: (count, mean, M2)."""
-    lo, hi = run_bounds(0, chunk, length)
-    count, mean, m2 = np.float64(hi - lo), part_mean[c, 0], part_m2[c, 0]
-    for j in range(1, n_items):
-        lo, hi = run_bounds(j % n_chunks, chunk, length)
-        count, mean, m2 = chan_merge(count, mean, m2, np.float64(hi - lo),
+    count, mean, m2 = item_count(0, group, chunk, n_batch, length), part_mean[c, 0], part_m2[c, 0]
+    for j in range(1, part_mean.shape[1]):
+        count, mean, m2 = chan_merge(count, mean, m2, item_count(j, group, chunk, n_batch, length),
                                      part_mean[c, j], part_m2[c, j])
     return count, mean, m2
 
 
-# The run helpers take views and loop from 0: see run_moments for why.
-
 @helper
-def affine_run(src, dst, shift, alpha, beta):
-    for i in range(src.size):
-        dst[i] = (src[i] - shift) * alpha + beta
-
-
-@helper
-def grad_sums_run(dy, x, shift):
-    """(sum(dy), sum(dy * (x - shift))) over one run, accumulated in float64."""
-    sum_dy = 0.0
-    sum_dy_dev = 0.0
-    for i in range(x.size):
-        g = np.float64(dy[i])
-        sum_dy += g
-        sum_dy_dev += g * np.float64(x[i] - shift)
-    return sum_dy, sum_dy_dev
+def affine_item(x, y, c, n0, n1, lo, hi, shift, alpha, beta):
+    for n in range(n0, n1):
+        src = x[n, c, lo:hi]
+        dst = y[n, c, lo:hi]
+        for i in range(src.size):
+            dst[i] = (src[i] - shift) * alpha + beta
 
 
 @helper
-def grad_input_run(dy, x, dx, shift, k_dy, k_x, k_0):
-    for i in range(x.size):
-        dx[i] = dy[i] * k_dy + (x[i] - shift) * k_x + k_0
+def grad_sums_item(dy, x, c, n0, n1, lo, hi, shift):
+    """(sum(dy), sum(dy * (x - shift))) over one item, in float64 lanes as in item_moments."""
+    sum_dy = np.zeros(LANES)
+    sum_dy_dev = np.zeros(LANES)
+    for n in range(n0, n1):
+        grad_body, grad_tail = lane_rows(dy[n, c, lo:hi])
+        x_body, x_tail = lane_rows(x[n, c, lo:hi])
+        for g in range(x_body.shape[0]):
+            for k in range(LANES):
+                grad = np.float64(grad_body[g, k])
+                sum_dy[k] += grad
+                sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift)
+        for k in range(x_tail.size):
+            grad = np.float64(grad_tail[k])
+            sum_dy[k] += grad
+            sum_dy_dev[k] += grad * np.float64(x_tail[k] - shift)
+    return lane_total(sum_dy), lane_total(sum_dy_dev)
 
 
 @helper
-def eval_grad_run(dy, x, dx, shift, alpha):
-    """dx = dy * alpha, and the sums for the parameter gradients, in one pass."""
-    sum_dy = 0.0
-    sum_dy_dev = 0.0
-    for i in range(x.size):
-        g = dy[i]
-        dx[i] = g * alpha
-        g64 = np.float64(g)
-        sum_dy += g64
-        sum_dy_dev += g64 * np.float64(x[i] - shift)
-    return sum_dy, sum_dy_dev
+def grad_input_item(dy, x, dx, c, n0, n1, lo, hi, shift, k_dy, k_x, k_0):
+    for n in range(n0, n1):
+        grad = dy[n, c, lo:hi]
+        src = x[n, c, lo:hi]
+        dst = dx[n, c, lo:hi]
+        for i in range(src.size):
+            dst[i] = grad[i] * k_dy + (src[i] - shift) * k_x + k_0
 
 
 @helper
-def item_position(item, n_channels, n_chunks):
-    k = item % n_chunks
-    plane = item // n_chunks
-    return plane // n_channels, plane % n_channels, k
-
-
-@parallel_kernel
-def moments_nchw(x, chunk, part_mean, part_m2, count, mean, m2):
-    """Per-channel (count, mean, M2) of x: the partials a cross-process merge exchanges."""
-    n_batch, n_channels, length = x.shape
-    n_chunks = part_mean.shape[1] // n_batch
-    for item in prange(n_batch * n_channels * n_chunks):
-        n, c, k = item_position(item, n_channels, n_chunks)
-        lo, hi = run_bounds(k, chunk, length)
-        part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = run_moments(x[n, c, lo:hi])
-    for c in prange(n_channels):
-        count[c], mean[c], m2[c] = merge_channel_partials(part_mean, part_m2, c, part_mean.shape[1],
-                                                          chunk, length, n_chunks)
-
-
-@parallel_kernel
-def train_forward_nchw_by_block(x, weight, bias, eps, momentum, update, running_mean, running_var,
-                                chunk, part_mean, part_m2, save_mean, save_invstd, coef, y):
-    n_batch, n_channels, length = x.shape
-    n_chunks = part_mean.shape[1] // n_batch
-    n_items = n_batch * n_channels * n_chunks
-    for item in prange(n_items):
-        n, c, k = item_position(item, n_channels, n_chunks)
-        lo, hi = run_bounds(k, chunk, length)
-        part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = run_moments(x[n, c, lo:hi])
-    for c in prange(n_channels):
-        count, mean, m2 = merge_channel_partials(part_mean, part_m2, c, part_mean.shape[1], chunk,
-                                                 length, n_chunks)
-        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
-                             weight, bias, save_mean, save_invstd, coef)
-    for item in prange(n_items):
-        n, c, k = item_position(item, n_channels, n_chunks)
-        lo, hi = run_bounds(k, chunk, length)
-        affine_run(x[n, c, lo:hi], y[n, c, lo:hi], coef[0, c], coef[1, c], coef[2, c])
-
-
-@parallel_kernel
-def train_forward_nchw_by_channel(x, weight, bias, eps, momentum, update, running_mean,
-                                  running_var, chunk, part_mean, part_m2, save_mean, save_invstd,
-                                  coef, y):
-    n_batch, n_channels, length = x.shape
-    n_chunks = part_mean.shape[1] // n_batch
-    for c in prange(n_channels):
-        for n in range(n_batch):
-            for k in range(n_chunks):
-                lo, hi = run_bounds(k, chunk, length)
-                part_mean[c, n * n_chunks + k], part_m2[c, n * n_chunks + k] = run_moments(
-                    x[n, c, lo:hi])
-        count, mean, m2 = merge_channel_partials(part_mean, part_m2, c, part_mean.shape[1], chunk,
-                                                 length, n_chunks)
-        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
-                             weight, bias, save_mean, save_invstd, coef)
-        for n in range(n_batch):
-            affine_run(x[n, c], y[n, c], coef[0, c], coef[1, c], coef[2, c])
-
-
-@parallel_kernel
-def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, chunk, coef, y):
-    n_batch, n_channels, length = x.shape
-    n_chunks = (length + chunk - 1) // chunk
-    for c in range(n_channels):
-        invstd = inverse_std(np.float64(running_var[c]), eps)
-        set_affine_coefficients(coef, c, np.float64(running_mean[c]), invstd,
-                                np.float64(weight[c]), np.float64(bias[c]))
-    for item in prange(n_batch * n_channels * n_chunks):
-        n, c, k = item_position(item, n_channels, n_chunks)
-        lo, hi = run_bounds(k, chunk, length)
-        affine_run(x[n, c, lo:hi], y[n, c, lo:hi], coef[0, c], coef[1, c], coef[2, c])
+def eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, shift, alpha):
+    """dx = dy * alpha, and the lane sums for the parameter gradients, in one pass."""
+    sum_dy = np.zeros(LANES)
+    sum_dy_dev = np.zeros(LANES)
+    for n in range(n0, n1):
+        grad_body, grad_tail = lane_rows(dy[n, c, lo:hi])
+        x_body, x_tail = lane_rows(x[n, c, lo:hi])
+        dx_body, dx_tail = lane_rows(dx[n, c, lo:hi])
+        for g in range(x_body.shape[0]):
+            for k in range(LANES):
+                grad = grad_body[g, k]
+                dx_body[g, k] = grad * alpha
+                sum_dy[k] += np.float64(grad)
+                sum_dy_dev[k] += np.float64(grad) * np.float64(x_body[g, k] - shift)
+        for k in range(x_tail.size):
+            grad = grad_tail[k]
+            dx_tail[k] = grad * alpha
+            sum_dy[k] += np.float64(grad)
+            sum_dy_dev[k] += np.float64(grad) * np.float64(x_tail[k] - shift)
+    return lane_total(sum_dy), lane_total(sum_dy_dev)
 
 
 @helper
-def sum_channel_partials(part_a, part_b, c):
+def sum_channel(part_a, part_b, c):
     total_a = 0.0
     total_b = 0.0
     for j in range(part_a.shape[1]):
@@ -164,67 +169,138 @@ def sum_channel_partials(part_a, part_b, c):
     return total_a, total_b
 
 
+# Items are numbered channel-major inside a plane group (item = (g * C + c) * n_chunks + k),
+# so that consecutive items of a parallel loop touch neighbouring memory.
+@helper
+def item_of(item, n_channels, n_chunks):
+    """(channel, column) of a global item index."""
+    k = item % n_chunks
+    gc = item // n_chunks
+    c = gc % n_channels
+    return c, (gc // n_channels) * n_chunks + k
+
+
 @parallel_kernel
-def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, chunk, part_a, part_b,
-                                 coef, grad_weight, grad_bias, dx):
+def moments_nchw(x, group, chunk, part_mean, part_m2, count, mean, m2):
+    """Per-channel (count, mean, M2) of x: the partials a cross-process merge exchanges."""
     n_batch, n_channels, length = x.shape
-    n_chunks = part_a.shape[1] // n_batch
-    n_items = n_batch * n_channels * n_chunks
+    n_chunks = (length + chunk - 1) // chunk
+    for item in prange(n_channels * part_mean.shape[1]):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        part_mean[c, j], part_m2[c, j] = item_moments(x, c, n0, n1, lo, hi)
+    for c in range(n_channels):
+        count[c], mean[c], m2[c] = merge_channel(part_mean, part_m2, c, group, chunk, n_batch,
+                                                 length)
+
+
+@parallel_kernel
+def train_forward_nchw_by_block(x, weight, bias, eps, momentum, update, running_mean, running_var,
+                                group, chunk, part_mean, part_m2, save_mean, save_invstd, coef, y):
+    n_batch, n_channels, length = x.shape
+    n_chunks = (length + chunk - 1) // chunk
+    n_items = n_channels * part_mean.shape[1]
+    for item in prange(n_items):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        part_mean[c, j], part_m2[c, j] = item_moments(x, c, n0, n1, lo, hi)
+    # Serial on purpose: a few merges per channel cost less than another parallel region.
+    for c in range(n_channels):
+        count, mean, m2 = merge_channel(part_mean, part_m2, c, group, chunk, n_batch, length)
+        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
+                             weight, bias, save_mean, save_invstd, coef)
+    for item in prange(n_items):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c])
+
+
+@parallel_kernel
+def train_forward_nchw_by_channel(x, weight, bias, eps, momentum, update, running_mean,
+                                  running_var, group, chunk, part_mean, part_m2, save_mean,
+                                  save_invstd, coef, y):
+    n_batch, n_channels, length = x.shape
+    for c in prange(n_channels):
+        for j in range(part_mean.shape[1]):
+            n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+            part_mean[c, j], part_m2[c, j] = item_moments(x, c, n0, n1, lo, hi)
+        count, mean, m2 = merge_channel(part_mean, part_m2, c, group, chunk, n_batch, length)
+        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
+                             weight, bias, save_mean, save_invstd, coef)
+        affine_item(x, y, c, 0, n_batch, 0, length, coef[0, c], coef[1, c], coef[2, c])
+
+
+@parallel_kernel
+def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, group, chunk, coef, y):
+    n_batch, n_channels, length = x.shape
+    n_chunks = (length + chunk - 1) // chunk
+    items_per_channel = ((n_batch + group - 1) // group) * n_chunks
+    for c in range(n_channels):
+        invstd = inverse_std(np.float64(running_var[c]), eps)
+        set_affine_coefficients(coef, c, np.float64(running_mean[c]), invstd,
+                                np.float64(weight[c]), np.float64(bias[c]))
+    for item in prange(n_channels * items_per_channel):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c])
+
+
+@parallel_kernel
+def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, group, chunk, part_a,
+                                 part_b, coef, grad_weight, grad_bias, dx):
+    n_batch, n_channels, length = x.shape
+    n_chunks = (length + chunk - 1) // chunk
+    n_items = n_channels * part_a.shape[1]
     count = np.float64(n_batch * length)
     for c in range(n_channels):
         coef[0, c] = save_mean[c]
     for item in prange(n_items):
-        n, c, k = item_position(item, n_channels, n_chunks)
-        lo, hi = run_bounds(k, chunk, length)
-        part_a[c, n * n_chunks + k], part_b[c, n * n_chunks + k] = grad_sums_run(
-            dy[n, c, lo:hi], x[n, c, lo:hi], coef[0, c])
-    for c in prange(n_channels):
-        sum_dy, sum_dy_dev = sum_channel_partials(part_a, part_b, c)
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
+    for c in range(n_channels):
+        sum_dy, sum_dy_dev = sum_channel(part_a, part_b, c)
         finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
                             grad_weight, grad_bias, coef)
     for item in prange(n_items):
-        n, c, k = item_position(item, n_channels, n_chunks)
-        lo, hi = run_bounds(k, chunk, length)
-        grad_input_run(dy[n, c, lo:hi], x[n, c, lo:hi], dx[n, c, lo:hi], coef[0, c], coef[1, c],
-                       coef[2, c], coef[3, c])
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        grad_input_item(dy, x, dx, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c],
+                        coef[3, c])
 
 
 @parallel_kernel
-def train_backward_nchw_by_channel(dy, x, save_mean, save_invstd, weight, chunk, part_a, part_b,
-                                   coef, grad_weight, grad_bias, dx):
+def train_backward_nchw_by_channel(dy, x, save_mean, save_invstd, weight, group, chunk, part_a,
+                                   part_b, coef, grad_weight, grad_bias, dx):
     n_batch, n_channels, length = x.shape
-    n_chunks = part_a.shape[1] // n_batch
     count = np.float64(n_batch * length)
     for c in prange(n_channels):
         coef[0, c] = save_mean[c]
-        for n in range(n_batch):
-            for k in range(n_chunks):
-                lo, hi = run_bounds(k, chunk, length)
-                part_a[c, n * n_chunks + k], part_b[c, n * n_chunks + k] = grad_sums_run(
-                    dy[n, c, lo:hi], x[n, c, lo:hi], coef[0, c])
-        sum_dy, sum_dy_dev = sum_channel_partials(part_a, part_b, c)
+        for j in range(part_a.shape[1]):
+            n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+            part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
+        sum_dy, sum_dy_dev = sum_channel(part_a, part_b, c)
         finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
                             grad_weight, grad_bias, coef)
-        for n in range(n_batch):
-            grad_input_run(dy[n, c], x[n, c], dx[n, c], coef[0, c], coef[1, c],
-                           coef[2, c], coef[3, c])
+        grad_input_item(dy, x, dx, c, 0, n_batch, 0, length, coef[0, c], coef[1, c], coef[2, c],
+                        coef[3, c])
 
 
 @parallel_kernel
-def eval_backward_nchw(dy, x, mean, invstd, weight, chunk, part_a, part_b, coef, grad_weight,
-                       grad_bias, dx):
+def eval_backward_nchw(dy, x, mean, invstd, weight, group, chunk, part_a, part_b, coef,
+                       grad_weight, grad_bias, dx):
     """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass."""
     n_batch, n_channels, length = x.shape
-    n_chunks = part_a.shape[1] // n_batch
+    n_chunks = (length + chunk - 1) // chunk
     for c in range(n_channels):
         coef[0, c] = mean[c]
         coef[1, c] = np.float64(weight[c]) * invstd[c]
-    for item in prange(n_batch * n_channels * n_chunks):
-        n, c, k = item_position(item, n_channels, n_chunks)
-        lo, hi = run_bounds(k, chunk, length)
-        part_a[c, n * n_chunks + k], part_b[c, n * n_chunks + k] = eval_grad_run(
-            dy[n, c, lo:hi], x[n, c, lo:hi], dx[n, c, lo:hi], coef[0, c], coef[1, c])
-    for c in prange(n_channels):
-        sum_dy, sum_dy_dev = sum_channel_partials(part_a, part_b, c)
+    for item in prange(n_channels * part_a.shape[1]):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        part_a[c, j], part_b[c, j] = eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, coef[0, c],
+                                                    coef[1, c])
+    for c in range(n_channels):
+        sum_dy, sum_dy_dev = sum_channel(part_a, part_b, c)
         grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy

@@ -6,7 +6,8 @@ chosen so that W is a multiple of the SIMD width: lane k always holds channel k 
 vectorizes across rows even for C = 3. After a block's lanes are folded per channel, blocks are
 merged in index order, which makes results independent of the thread count.
 
-Kernels do no validation and allocate nothing: the caller passes every buffer.
+Kernels do no validation and no allocation policy: the caller passes every buffer it gets
+back; only small per-block lane accumulators are made inside.
 """
 
 import numpy as np
@@ -147,7 +148,7 @@ def moments_nhwc(xf, n_channels, block_rows, ws, count, mean, m2):
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         block_moments(xf, n_channels, start, end, ws[b])
-    for c in prange(n_channels):
+    for c in range(n_channels):
         count[c], mean[c], m2[c] = merge_block_partials(ws, c, block_rows, n_rows)
 
 
@@ -159,7 +160,8 @@ def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, runn
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         block_moments(xf, n_channels, start, end, ws[b])
-    for c in prange(n_channels):
+    # Serial on purpose: a few merges per channel cost less than another parallel region.
+    for c in range(n_channels):
         count, mean, m2 = merge_block_partials(ws, c, block_rows, n_rows)
         finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
                              weight, bias, save_mean, save_invstd, coef)
@@ -210,7 +212,7 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, blo
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         grad_sums_block(dyf, xf, start, end, coef_lanes, ws[b])
-    for c in prange(n_channels):
+    for c in range(n_channels):
         sum_dy, sum_dy_dev = sum_block_lanes(ws, c, n_channels)
         finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
                             grad_weight, grad_bias, coef)
@@ -257,7 +259,7 @@ def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, block_rows, ws
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         eval_grad_block(dyf, xf, dxf, start, end, coef_lanes[:2], ws[b])
-    for c in prange(n_channels):
+    for c in range(n_channels):
         sum_dy, sum_dy_dev = sum_block_lanes(ws, c, n_channels)
         grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy

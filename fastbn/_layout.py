@@ -13,10 +13,11 @@ from math import gcd
 
 import numpy as np
 
-# Values per work item. Each item is reduced in one pass, so the size only trades the merge
-# cost per item against load balance and the shifted-sum error bound (see _moments).
-PLANE_CHUNK = 4096
-ROW_BLOCK_VALUES = 16384
+# Values per work item. Each item is reduced in one pass, so the size only trades the cost of
+# merging items (done serially, per channel) against load balance and the shifted-sum error
+# bound of about n * 1e-16 for n values of a channel per item (see _moments).
+ITEM_VALUES = 16384
+ROW_BLOCK_VALUES = 65536
 # Lanes per row-kernel vector step: a multiple of 8 keeps AVX2 registers full for any C.
 SIMD_LANES = 8
 _WORKSPACES_PER_THREAD = 16
@@ -25,8 +26,8 @@ _WORKSPACES_PER_THREAD = 16
 class Plan:
     """The work partition of one (shape, channels_last) pair."""
 
-    __slots__ = ("kind", "n_channels", "count", "n_batch", "length", "chunk", "n_items",
-                 "n_rows", "width", "block_rows", "n_blocks", "key")
+    __slots__ = ("kind", "n_channels", "count", "n_batch", "length", "chunk", "group",
+                 "items_per_channel", "n_rows", "width", "block_rows", "n_blocks", "key")
 
     def __init__(self, shape, channels_last):
         n_batch = shape[0]
@@ -43,9 +44,16 @@ class Plan:
         # One value per channel per sample is the same (rows, C) matrix in either layout.
         self.kind = "rows" if (channels_last or length == 1) else "planes"
         if self.kind == "planes":
-            n_chunks = -(-length // PLANE_CHUNK)
-            self.chunk = -(-length // n_chunks)
-            self.n_items = n_batch * n_chunks
+            # Long planes are cut into chunks; short ones are grouped, several planes an item.
+            if length >= ITEM_VALUES:
+                self.group = 1
+                n_chunks = -(-length // ITEM_VALUES)
+                self.chunk = -(-length // n_chunks)
+            else:
+                self.group = max(1, ITEM_VALUES // max(length, 1))
+                self.chunk = max(length, 1)
+                n_chunks = 1
+            self.items_per_channel = -(-n_batch // self.group) * n_chunks
             self.n_rows = self.width = self.block_rows = self.n_blocks = 0
         else:
             reps = SIMD_LANES // gcd(n_channels, SIMD_LANES)
@@ -53,7 +61,7 @@ class Plan:
             self.n_rows = n_batch * length
             self.block_rows = max(reps, (ROW_BLOCK_VALUES // self.width) * reps)
             self.n_blocks = max(1, -(-self.n_rows // self.block_rows))
-            self.chunk = self.n_items = 0
+            self.chunk = self.group = self.items_per_channel = 0
         self.key = (self.kind, n_batch, n_channels, length)
 
     def view(self, x):
@@ -70,8 +78,8 @@ class Workspace:
 
     def __init__(self, plan, dtype):
         if plan.kind == "planes":
-            self.part_a = np.empty((plan.n_channels, plan.n_items), np.float64)
-            self.part_b = np.empty((plan.n_channels, plan.n_items), np.float64)
+            self.part_a = np.empty((plan.n_channels, plan.items_per_channel), np.float64)
+            self.part_b = np.empty((plan.n_channels, plan.items_per_channel), np.float64)
             self.lanes = None
             self.coef_lanes = None
         else:

@@ -42,24 +42,6 @@ def shifted_moments(shift, count, sum_d, sum_d2):
 
 
 @helper
-def run_moments(run):
-    """(mean, M2) of a contiguous run of one channel's values.
-
-    The loop starts at 0 on purpose: Numba guards signed indices against negative
-    wraparound, and only an induction variable that starts at 0 lets LLVM drop the guard and
-    vectorize.
-    """
-    shift = finite_or_zero(np.float64(run[0]))
-    sum_d = 0.0
-    sum_d2 = 0.0
-    for i in range(run.size):
-        d = np.float64(run[i]) - shift
-        sum_d += d
-        sum_d2 += d * d
-    return shifted_moments(shift, np.float64(run.size), sum_d, sum_d2)
-
-
-@helper
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Chan et al.'s combination of two partials; counts are float64."""
     count = count_a + count_b

@@ -213,7 +213,8 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
         kernel = _planes_kernel(planes.train_forward_nchw_by_channel,
                                 planes.train_forward_nchw_by_block, plan, x.size)
         kernel(plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
-               plan.chunk, ws.part_a, ws.part_b, save_mean, save_invstd, ws.coef, plan.view(y))
+               plan.group, plan.chunk, ws.part_a, ws.part_b, save_mean, save_invstd, ws.coef,
+               plan.view(y))
     else:
         rows.train_forward_nhwc.select(x.size)(
             plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
@@ -232,7 +233,8 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last
     ws = workspace_for(plan, x.dtype)
     if plan.kind == "planes":
         planes.eval_forward_nchw.select(x.size)(plan.view(x), running_mean, running_var, weight,
-                                                bias, eps, plan.chunk, ws.coef, plan.view(y))
+                                                bias, eps, plan.group, plan.chunk, ws.coef,
+                                                plan.view(y))
     else:
         rows.eval_forward_nhwc.select(x.size)(plan.view(x), plan.n_channels, running_mean,
                                               running_var, weight, bias, eps, plan.block_rows,
@@ -313,8 +315,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
                                     planes.train_backward_nchw_by_block, plan, x.size)
         else:
             kernel = planes.eval_backward_nchw.select(x.size)
-        kernel(plan.view(dy), plan.view(x), mean, invstd, weight, plan.chunk, ws.part_a,
-               ws.part_b, ws.coef, grad_weight, grad_bias, plan.view(dx))
+        kernel(plan.view(dy), plan.view(x), mean, invstd, weight, plan.group, plan.chunk,
+               ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, plan.view(dx))
     else:
         pair = rows.train_backward_nhwc if training else rows.eval_backward_nhwc
         pair.select(x.size)(plan.view(dy), plan.view(x), n_channels, mean, invstd, weight,
@@ -343,8 +345,8 @@ def channel_moments(x, *, channels_last=False):
     m2 = np.empty(n_channels, np.float64)
     ws = workspace_for(plan, x.dtype)
     if plan.kind == "planes":
-        planes.moments_nchw.select(x.size)(plan.view(x), plan.chunk, ws.part_a, ws.part_b, count,
-                                           mean, m2)
+        planes.moments_nchw.select(x.size)(plan.view(x), plan.group, plan.chunk, ws.part_a,
+                                           ws.part_b, count, mean, m2)
     else:
         rows.moments_nhwc.select(x.size)(plan.view(x), n_channels, plan.block_rows, ws.lanes,
                                          count, mean, m2)

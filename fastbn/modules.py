@@ -148,7 +148,8 @@ class _BatchNorm:
         if x.ndim not in self._ndims:
             layout = "channels_last" if self.channels_last else "channels_first"
             raise ValueError(f"{type(self).__name__} ({layout}) expects input of shape "
-                             f"{self._shape_doc[self.channels_last]}, got {x.ndim}D input of shape {x.shape}")
+                             f"{self._shape_doc[self.channels_last]}, got {x.ndim}D input of "
+                             f"shape {x.shape}")
         F.check_channels(x, self.num_features, self.channels_last)
         return x
 
