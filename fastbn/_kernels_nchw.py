@@ -11,8 +11,7 @@ region, merges serially, and normalizes in a second region; it suits few channel
 gives each thread whole channels and normalizes a channel right after reducing it, one region
 in all, so the second read of a channel's planes can come from cache. Both give identical bits.
 
-Kernels do no validation and no allocation policy: the caller passes every buffer it gets
-back; only small per-item accumulators are made inside.
+Kernels do no validation and allocate nothing: the caller passes every buffer.
 """
 
 import numpy as np
@@ -20,28 +19,8 @@ from numba import prange
 
 from ._jit import helper, parallel_kernel
 from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, finite_or_zero,
-                       inverse_std, set_affine_coefficients, shifted_moments)
-
-
-# Independent float64 accumulators per reduction: enough to hide the add latency and fill two
-# AVX2 registers.
-LANES = 8
-
-
-@helper
-def lane_rows(run):
-    """A contiguous run as a (groups, LANES) view plus the fewer than LANES values left over."""
-    n_groups = run.size // LANES
-    split = n_groups * LANES
-    return run[:split].reshape(n_groups, LANES), run[split:]
-
-
-@helper
-def lane_total(lanes):
-    total = 0.0
-    for k in range(LANES):
-        total += lanes[k]
-    return total
+                       inverse_std, run_eval_grad, run_grad_sums, run_moment_sums,
+                       set_affine_coefficients, shifted_moments)
 
 
 @helper
@@ -63,28 +42,15 @@ def item_count(j, group, chunk, n_batch, length):
 
 @helper
 def item_moments(x, c, n0, n1, lo, hi):
-    """(mean, M2) of one item, in one pass with the item's first value as shift.
-
-    Sums run in LANES independent accumulators, combined in a fixed order at the end: the
-    order is spelled out in the source rather than left to LLVM's vectorizer, so the serial
-    and parallel twins (compiled in different contexts) give identical bits.
-    """
+    """(mean, M2) of one item, in one pass with the item's first value as shift."""
     shift = finite_or_zero(np.float64(x[n0, c, lo]))
-    sum_d = np.zeros(LANES)
-    sum_d2 = np.zeros(LANES)
+    sum_d = 0.0
+    sum_d2 = 0.0
     for n in range(n0, n1):
-        body, tail = lane_rows(x[n, c, lo:hi])
-        for g in range(body.shape[0]):
-            for k in range(LANES):
-                d = np.float64(body[g, k]) - shift
-                sum_d[k] += d
-                sum_d2[k] += d * d
-        for k in range(tail.size):
-            d = np.float64(tail[k]) - shift
-            sum_d[k] += d
-            sum_d2[k] += d * d
-    return shifted_moments(shift, np.float64((n1 - n0) * (hi - lo)), lane_total(sum_d),
-                           lane_total(sum_d2))
+        run_d, run_d2 = run_moment_sums(x[n, c, lo:hi], shift)
+        sum_d += run_d
+        sum_d2 += run_d2
+    return shifted_moments(shift, np.float64((n1 - n0) * (hi - lo)), sum_d, sum_d2)
 
 
 @helper
@@ -108,22 +74,14 @@ def affine_item(x, y, c, n0, n1, lo, hi, shift, alpha, beta):
 
 @helper
 def grad_sums_item(dy, x, c, n0, n1, lo, hi, shift):
-    """(sum(dy), sum(dy * (x - shift))) over one item, in float64 lanes as in item_moments."""
-    sum_dy = np.zeros(LANES)
-    sum_dy_dev = np.zeros(LANES)
+    """(sum(dy), sum(dy * (x - shift))) over one item, accumulated in float64."""
+    sum_dy = 0.0
+    sum_dy_dev = 0.0
     for n in range(n0, n1):
-        grad_body, grad_tail = lane_rows(dy[n, c, lo:hi])
-        x_body, x_tail = lane_rows(x[n, c, lo:hi])
-        for g in range(x_body.shape[0]):
-            for k in range(LANES):
-                grad = np.float64(grad_body[g, k])
-                sum_dy[k] += grad
-                sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift)
-        for k in range(x_tail.size):
-            grad = np.float64(grad_tail[k])
-            sum_dy[k] += grad
-            sum_dy_dev[k] += grad * np.float64(x_tail[k] - shift)
-    return lane_total(sum_dy), lane_total(sum_dy_dev)
+        run_dy, run_dy_dev = run_grad_sums(dy[n, c, lo:hi], x[n, c, lo:hi], shift)
+        sum_dy += run_dy
+        sum_dy_dev += run_dy_dev
+    return sum_dy, sum_dy_dev
 
 
 @helper
@@ -138,25 +96,15 @@ def grad_input_item(dy, x, dx, c, n0, n1, lo, hi, shift, k_dy, k_x, k_0):
 
 @helper
 def eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, shift, alpha):
-    """dx = dy * alpha, and the lane sums for the parameter gradients, in one pass."""
-    sum_dy = np.zeros(LANES)
-    sum_dy_dev = np.zeros(LANES)
+    """dx = dy * alpha, and the sums for the parameter gradients, in one pass."""
+    sum_dy = 0.0
+    sum_dy_dev = 0.0
     for n in range(n0, n1):
-        grad_body, grad_tail = lane_rows(dy[n, c, lo:hi])
-        x_body, x_tail = lane_rows(x[n, c, lo:hi])
-        dx_body, dx_tail = lane_rows(dx[n, c, lo:hi])
-        for g in range(x_body.shape[0]):
-            for k in range(LANES):
-                grad = grad_body[g, k]
-                dx_body[g, k] = grad * alpha
-                sum_dy[k] += np.float64(grad)
-                sum_dy_dev[k] += np.float64(grad) * np.float64(x_body[g, k] - shift)
-        for k in range(x_tail.size):
-            grad = grad_tail[k]
-            dx_tail[k] = grad * alpha
-            sum_dy[k] += np.float64(grad)
-            sum_dy_dev[k] += np.float64(grad) * np.float64(x_tail[k] - shift)
-    return lane_total(sum_dy), lane_total(sum_dy_dev)
+        run_dy, run_dy_dev = run_eval_grad(dy[n, c, lo:hi], x[n, c, lo:hi], dx[n, c, lo:hi],
+                                           shift, alpha)
+        sum_dy += run_dy
+        sum_dy_dev += run_dy_dev
+    return sum_dy, sum_dy_dev
 
 
 @helper

@@ -14,8 +14,9 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, parallel_kernel
-from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, inverse_std,
-                       finite_or_zero, set_affine_coefficients, shifted_moments)
+from ._moments import (finish_batch_channel, finish_grad_channel, inverse_std,
+                       finite_or_zero, merge_parts, set_affine_coefficients,
+                       shifted_moments)
 
 
 @helper
@@ -71,18 +72,6 @@ def block_moments(xf, n_channels, start, end, partial):
             total_d += sum_d[q * n_channels + c]
             total_d2 += sum_d2[q * n_channels + c]
         partial[0, c], partial[1, c] = shifted_moments(shift[c], n_rows, total_d, total_d2)
-
-
-@helper
-def merge_block_partials(ws, c, block_rows, n_rows):
-    """Merge channel c's block partials in block order: (count, mean, M2)."""
-    count = np.float64(min(block_rows, n_rows))
-    mean = ws[0, 0, c]
-    m2 = ws[0, 1, c]
-    for b in range(1, ws.shape[0]):
-        rows_b = np.float64(min(n_rows, (b + 1) * block_rows) - b * block_rows)
-        count, mean, m2 = chan_merge(count, mean, m2, rows_b, ws[b, 0, c], ws[b, 1, c])
-    return count, mean, m2
 
 
 @helper
@@ -148,8 +137,9 @@ def moments_nhwc(xf, n_channels, block_rows, ws, count, mean, m2):
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         block_moments(xf, n_channels, start, end, ws[b])
+    total = merge_parts(ws, n_channels, block_rows, n_rows, 1)
     for c in range(n_channels):
-        count[c], mean[c], m2[c] = merge_block_partials(ws, c, block_rows, n_rows)
+        count[c], mean[c], m2[c] = total, ws[0, 0, c], ws[0, 1, c]
 
 
 @parallel_kernel
@@ -160,11 +150,11 @@ def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, runn
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         block_moments(xf, n_channels, start, end, ws[b])
-    # Serial on purpose: a few merges per channel cost less than another parallel region.
+    # Serial on purpose: the merges cost less than another parallel region.
+    count = merge_parts(ws, n_channels, block_rows, n_rows, 1)
     for c in range(n_channels):
-        count, mean, m2 = merge_block_partials(ws, c, block_rows, n_rows)
-        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
-                             weight, bias, save_mean, save_invstd, coef)
+        finish_batch_channel(c, count, ws[0, 0, c], ws[0, 1, c], eps, momentum, update,
+                             running_mean, running_var, weight, bias, save_mean, save_invstd, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)

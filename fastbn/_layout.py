@@ -27,7 +27,8 @@ class Plan:
     """The work partition of one (shape, channels_last) pair."""
 
     __slots__ = ("kind", "n_channels", "count", "n_batch", "length", "chunk", "group",
-                 "items_per_channel", "n_rows", "width", "block_rows", "n_blocks", "key")
+                 "items_per_channel", "sample_block", "channel_block", "n_sample_blocks",
+                 "n_rows", "width", "block_rows", "n_blocks", "key")
 
     def __init__(self, shape, channels_last):
         n_batch = shape[0]
@@ -42,33 +43,44 @@ class Plan:
         self.length = length
         self.count = n_batch * length
         # One value per channel per sample is the same (rows, C) matrix in either layout.
-        self.kind = "rows" if (channels_last or length == 1) else "planes"
+        if channels_last or length == 1:
+            self.kind = "rows"
+        elif length < ITEM_VALUES:
+            self.kind = "short"
+        else:
+            self.kind = "planes"
+        self.chunk = self.group = self.items_per_channel = 0
+        self.sample_block = self.channel_block = self.n_sample_blocks = 0
+        self.n_rows = self.width = self.block_rows = self.n_blocks = 0
         if self.kind == "planes":
-            # Long planes are cut into chunks; short ones are grouped, several planes an item.
-            if length >= ITEM_VALUES:
-                self.group = 1
-                n_chunks = -(-length // ITEM_VALUES)
-                self.chunk = -(-length // n_chunks)
+            n_chunks = -(-length // ITEM_VALUES)
+            self.group = 1
+            self.chunk = -(-length // n_chunks)
+            self.items_per_channel = n_batch * n_chunks
+        elif self.kind == "short":
+            # Items of about ITEM_VALUES values: several whole samples, or a run of channels
+            # of one sample when a sample alone is larger.
+            sample_values = n_channels * max(length, 1)
+            if sample_values >= ITEM_VALUES:
+                self.sample_block = 1
+                self.channel_block = max(1, ITEM_VALUES // max(length, 1))
             else:
-                self.group = max(1, ITEM_VALUES // max(length, 1))
-                self.chunk = max(length, 1)
-                n_chunks = 1
-            self.items_per_channel = -(-n_batch // self.group) * n_chunks
-            self.n_rows = self.width = self.block_rows = self.n_blocks = 0
+                self.sample_block = ITEM_VALUES // sample_values
+                self.channel_block = n_channels
+            self.n_sample_blocks = max(1, -(-n_batch // self.sample_block))
         else:
             reps = SIMD_LANES // gcd(n_channels, SIMD_LANES)
             self.width = n_channels * reps
             self.n_rows = n_batch * length
             self.block_rows = max(reps, (ROW_BLOCK_VALUES // self.width) * reps)
             self.n_blocks = max(1, -(-self.n_rows // self.block_rows))
-            self.chunk = self.group = self.items_per_channel = 0
         self.key = (self.kind, n_batch, n_channels, length)
 
     def view(self, x):
         """The kernel view of a C-contiguous x."""
-        if self.kind == "planes":
-            return x.reshape(self.n_batch, self.n_channels, self.length)
-        return x.reshape(-1)
+        if self.kind == "rows":
+            return x.reshape(-1)
+        return x.reshape(self.n_batch, self.n_channels, self.length)
 
 
 class Workspace:
@@ -82,6 +94,9 @@ class Workspace:
             self.part_b = np.empty((plan.n_channels, plan.items_per_channel), np.float64)
             self.lanes = None
             self.coef_lanes = None
+        elif plan.kind == "short":
+            self.part_a = self.part_b = self.coef_lanes = None
+            self.lanes = np.empty((plan.n_sample_blocks, 2, plan.n_channels), np.float64)
         else:
             self.part_a = self.part_b = None
             self.lanes = np.empty((plan.n_blocks, 2, plan.width), np.float64)

@@ -18,7 +18,7 @@ Everything here is a small @njit helper that the kernels inline; nothing validat
 
 import numpy as np
 
-from ._jit import helper
+from ._jit import helper, reduction
 
 
 @helper
@@ -29,6 +29,47 @@ def finite_or_zero(value):
     PyTorch's plain sum gives an infinite mean.
     """
     return value if np.isfinite(value) else 0.0
+
+
+@reduction
+def run_moment_sums(run, shift):
+    """(sum(d), sum(d**2)) over a contiguous run, d = x - shift, in float64.
+
+    Loops run over views from 0: Numba guards signed indices against negative wraparound, and
+    only an induction variable that starts at 0 lets LLVM drop the guard and vectorize.
+    """
+    sum_d = 0.0
+    sum_d2 = 0.0
+    for i in range(run.size):
+        d = np.float64(run[i]) - shift
+        sum_d += d
+        sum_d2 += d * d
+    return sum_d, sum_d2
+
+
+@reduction
+def run_grad_sums(dy, x, shift):
+    """(sum(dy), sum(dy * (x - shift))) over a contiguous run, in float64."""
+    sum_dy = 0.0
+    sum_dy_dev = 0.0
+    for i in range(x.size):
+        grad = np.float64(dy[i])
+        sum_dy += grad
+        sum_dy_dev += grad * np.float64(x[i] - shift)
+    return sum_dy, sum_dy_dev
+
+
+@reduction
+def run_eval_grad(dy, x, dx, shift, alpha):
+    """dx = dy * alpha, and run_grad_sums, in one pass."""
+    sum_dy = 0.0
+    sum_dy_dev = 0.0
+    for i in range(x.size):
+        grad = dy[i]
+        dx[i] = grad * alpha
+        sum_dy += np.float64(grad)
+        sum_dy_dev += np.float64(grad) * np.float64(x[i] - shift)
+    return sum_dy, sum_dy_dev
 
 
 @helper
@@ -58,6 +99,39 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
         mean = mean_a + delta * weight_b
     m2 = m2_a + m2_b + delta * delta * count_a * weight_b
     return count, mean, m2
+
+
+@helper
+def merge_parts(parts, n_channels, units_per_part, total_units, unit_values):
+    """Merge the (mean, M2) partials parts[j, 0, :C], parts[j, 1, :C] over j, in order, into
+    parts[0]; return the total count.
+
+    Part j covers units [j * units_per_part, ...) of total_units, each unit holding
+    unit_values values of every channel. This is Chan's update (see chan_merge) with the
+    weights of part j computed once for all channels, and the inner loop over channels.
+    """
+    count_a = np.float64(min(units_per_part, total_units) * unit_values)
+    mean = parts[0, 0]
+    m2 = parts[0, 1]
+    for j in range(1, parts.shape[0]):
+        units_b = min(total_units, (j + 1) * units_per_part) - j * units_per_part
+        count_b = np.float64(units_b * unit_values)
+        total = count_a + count_b
+        weight_b = count_b / total
+        weight_m2 = count_a * weight_b
+        mean_b = parts[j, 0]
+        m2_b = parts[j, 1]
+        for c in range(n_channels):
+            mean_a = mean[c]
+            delta = mean_b[c] - mean_a
+            m2[c] = m2[c] + m2_b[c] + delta * delta * weight_m2
+            if mean_b[c] != mean_a:  # equal means stay exact, infinite ones included
+                if np.isinf(mean_a) or np.isinf(mean_b[c]):
+                    mean[c] = mean_a + mean_b[c]  # as in chan_merge
+                else:
+                    mean[c] = mean_a + delta * weight_b
+        count_a = total
+    return count_a
 
 
 @helper

@@ -11,6 +11,7 @@ import numba
 import numpy as np
 
 from . import _kernels_nchw as planes
+from . import _kernels_nchw_short as short
 from . import _kernels_nhwc as rows
 from ._layout import plan_for, workspace_for
 
@@ -209,7 +210,12 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
     saved = np.empty((2, n_channels), np.float64)
     save_mean, save_invstd = saved[0], saved[1]
     ws = workspace_for(plan, x.dtype)
-    if plan.kind == "planes":
+    if plan.kind == "short":
+        short.train_forward_nchw_short.select(x.size)(
+            plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
+            plan.sample_block, plan.channel_block, ws.lanes, save_mean, save_invstd, ws.coef,
+            plan.view(y))
+    elif plan.kind == "planes":
         kernel = _planes_kernel(planes.train_forward_nchw_by_channel,
                                 planes.train_forward_nchw_by_block, plan, x.size)
         kernel(plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
@@ -231,7 +237,11 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last
     plan = plan_for(x.shape, channels_last)
     weight, bias = _params(weight, bias, plan.n_channels, x.dtype)
     ws = workspace_for(plan, x.dtype)
-    if plan.kind == "planes":
+    if plan.kind == "short":
+        short.eval_forward_nchw_short.select(x.size)(
+            plan.view(x), running_mean, running_var, weight, bias, eps, plan.sample_block,
+            plan.channel_block, ws.coef, plan.view(y))
+    elif plan.kind == "planes":
         planes.eval_forward_nchw.select(x.size)(plan.view(x), running_mean, running_var, weight,
                                                 bias, eps, plan.group, plan.chunk, ws.coef,
                                                 plan.view(y))
@@ -309,7 +319,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     mean = mean.astype(np.float64, copy=False)
     invstd = invstd.astype(np.float64, copy=False)
     ws = workspace_for(plan, x.dtype)
-    if plan.kind == "planes":
+    if plan.kind == "short":
+        pair = short.train_backward_nchw_short if training else short.eval_backward_nchw_short
+        pair.select(x.size)(plan.view(dy), plan.view(x), mean, invstd, weight, plan.sample_block,
+                            plan.channel_block, ws.lanes, ws.coef, grad_weight, grad_bias,
+                            plan.view(dx))
+    elif plan.kind == "planes":
         if training:
             kernel = _planes_kernel(planes.train_backward_nchw_by_channel,
                                     planes.train_backward_nchw_by_block, plan, x.size)
@@ -344,7 +359,10 @@ def channel_moments(x, *, channels_last=False):
     mean = np.empty(n_channels, np.float64)
     m2 = np.empty(n_channels, np.float64)
     ws = workspace_for(plan, x.dtype)
-    if plan.kind == "planes":
+    if plan.kind == "short":
+        short.moments_nchw_short.select(x.size)(plan.view(x), plan.sample_block,
+                                                plan.channel_block, ws.lanes, count, mean, m2)
+    elif plan.kind == "planes":
         planes.moments_nchw.select(x.size)(plan.view(x), plan.group, plan.chunk, ws.part_a,
                                            ws.part_b, count, mean, m2)
     else:

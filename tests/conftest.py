@@ -25,9 +25,10 @@ SHAPES_BY_RANK = {
 }
 SHAPES = [shape for shapes in SHAPES_BY_RANK.values() for shape in shapes]
 
-# >= 32768 elements: parallel twins. One plane layout with few channels (by_block schedule),
-# one with many (by_channel), channels-last with an odd C, and a plain (N, C) matrix.
-LARGE_SHAPES = [(4, 3, 64, 48), (8, 16, 16, 17), (16, 5, 21, 20), (2048, 17)]
+# At least 32768 elements, so that the parallel twins run: short planes with few and with many
+# channels, channels-last with an odd C, a plain (N, C) matrix, and (2, 3, 130, 130), whose
+# planes are long enough (>= 16384 values) for the long-plane kernels.
+LARGE_SHAPES = [(4, 3, 64, 48), (8, 16, 16, 17), (16, 5, 21, 20), (2048, 17), (2, 3, 130, 130)]
 
 MODULE_FOR_RANK = {2: fastbn.BatchNorm1d, 3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d,
                    5: fastbn.BatchNorm3d}

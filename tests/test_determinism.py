@@ -85,12 +85,13 @@ def test_num_threads_restores_the_previous_count():
     assert numba.get_num_threads() == before
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 9, 4100), LARGE_SHAPES[0],
-                                   LARGE_SHAPES[1]], ids=shape_id)
+@pytest.mark.parametrize("shape", [(2, 3, 16384), (2, 9, 16500), (3, 2, 130, 130)],
+                         ids=shape_id)
 def test_by_channel_and_by_block_schedules_give_the_same_bits(shape, dtype, monkeypatch):
-    """NCHW only: channels-last input has a single schedule. The parallel twins are forced
-    (serial calls always take by_block). (2, 9, 4100) cuts each plane into two runs of the
-    4096-value chunk partition, so partials merge across runs too."""
+    """Long-plane NCHW only (L >= 16384): short planes and channels-last input have a single
+    schedule. The parallel twins are forced (serial calls always take by_block). (2, 9, 16500)
+    cuts each plane into two runs of the 16384-value item partition, so partials merge across
+    runs too."""
     args = case(shape, dtype, False, "schedule")
     monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0)
     asked = []
@@ -110,7 +111,7 @@ def test_by_channel_and_by_block_schedules_give_the_same_bits(shape, dtype, monk
     assert_identical(by_channel, by_block, "by_channel vs by_block")
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 9, 4100), (37, 5), LARGE_SHAPES[0],
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 9, 16500), (37, 5), LARGE_SHAPES[0],
                                    LARGE_SHAPES[3]], ids=shape_id)
 def test_serial_and_parallel_twins_give_the_same_bits(shape, dtype, channels_last,
                                                       monkeypatch):

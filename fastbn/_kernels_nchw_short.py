@@ -1,0 +1,184 @@
+"""Channels-first kernels for short planes (L below a few thousand values) on an (N, C, L) view.
+
+Items of the long-plane kernels cover one channel at a time, which for short planes means
+jumping C * L values between reads. Here an item is a block of samples [n0, n1) and channels
+[c0, c1) and is read in memory order; it accumulates per-channel sums and leaves per-channel
+partials in row `sample block` of an (n_sample_blocks, 2, C) workspace. Partials are merged over
+sample blocks in order, so results do not depend on the thread count.
+
+Kernels do no validation and allocate nothing: the caller passes every buffer.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import helper, parallel_kernel
+from ._moments import (finish_batch_channel, finish_grad_channel, finite_or_zero, inverse_std,
+                       merge_parts, run_eval_grad, run_grad_sums, run_moment_sums,
+                       set_affine_coefficients, shifted_moments)
+
+
+@helper
+def item_bounds(item, sample_block, channel_block, n_batch, n_channels):
+    """Sample block index, samples [n0, n1) and channels [c0, c1) of an item."""
+    n_channel_blocks = (n_channels + channel_block - 1) // channel_block
+    sb = item // n_channel_blocks
+    c0 = (item - sb * n_channel_blocks) * channel_block
+    n0 = sb * sample_block
+    return sb, n0, min(n_batch, n0 + sample_block), c0, min(n_channels, c0 + channel_block)
+
+
+@helper
+def n_items(sample_block, channel_block, n_batch, n_channels):
+    return (((n_batch + sample_block - 1) // sample_block)
+            * ((n_channels + channel_block - 1) // channel_block))
+
+
+@helper
+def item_moments(x, n0, n1, c0, c1, part):
+    """Per-channel (mean, M2) of one item into part[0, c] and part[1, c], each channel shifted
+    by its first value in the item (see _moments for why). part[0] and part[1] hold the
+    running sums meanwhile."""
+    for c in range(c0, c1):
+        part[0, c] = 0.0
+        part[1, c] = 0.0
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            run_d, run_d2 = run_moment_sums(x[n, c], finite_or_zero(np.float64(x[n0, c, 0])))
+            part[0, c] += run_d
+            part[1, c] += run_d2
+    count = np.float64((n1 - n0) * x.shape[2])
+    for c in range(c0, c1):
+        part[0, c], part[1, c] = shifted_moments(finite_or_zero(np.float64(x[n0, c, 0])), count,
+                                                 part[0, c], part[1, c])
+
+
+@helper
+def affine_item(x, y, n0, n1, c0, c1, coef):
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            src = x[n, c]
+            dst = y[n, c]
+            shift, alpha, beta = coef[0, c], coef[1, c], coef[2, c]
+            for i in range(src.size):
+                dst[i] = (src[i] - shift) * alpha + beta
+
+
+@helper
+def grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, part, fuse_eval_dx):
+    """Per-channel sum(dy) and sum(dy * (x - shift)) into part[0, c] and part[1, c]; with
+    fuse_eval_dx, also dx = dy * alpha in the same pass (the eval-mode gradient)."""
+    for c in range(c0, c1):
+        part[0, c] = 0.0
+        part[1, c] = 0.0
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            if fuse_eval_dx:
+                run_dy, run_dy_dev = run_eval_grad(dy[n, c], x[n, c], dx[n, c], coef[0, c],
+                                                   coef[1, c])
+            else:
+                run_dy, run_dy_dev = run_grad_sums(dy[n, c], x[n, c], coef[0, c])
+            part[0, c] += run_dy
+            part[1, c] += run_dy_dev
+
+
+@helper
+def grad_input_item(dy, x, dx, n0, n1, c0, c1, coef):
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            grad = dy[n, c]
+            src = x[n, c]
+            dst = dx[n, c]
+            shift, k_dy, k_x, k_0 = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
+            for i in range(src.size):
+                dst[i] = grad[i] * k_dy + (src[i] - shift) * k_x + k_0
+
+
+@helper
+def sum_parts(parts, c):
+    total_a = 0.0
+    total_b = 0.0
+    for j in range(parts.shape[0]):
+        total_a += parts[j, 0, c]
+        total_b += parts[j, 1, c]
+    return total_a, total_b
+
+
+@parallel_kernel
+def moments_nchw_short(x, sample_block, channel_block, parts, count, mean, m2):
+    """Per-channel (count, mean, M2) of x: the partials a cross-process merge exchanges."""
+    n_batch, n_channels, length = x.shape
+    for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        item_moments(x, n0, n1, c0, c1, parts[sb])
+    total = merge_parts(parts, n_channels, sample_block, n_batch, length)
+    for c in range(n_channels):
+        count[c], mean[c], m2[c] = total, parts[0, 0, c], parts[0, 1, c]
+
+
+@parallel_kernel
+def train_forward_nchw_short(x, weight, bias, eps, momentum, update, running_mean, running_var,
+                             sample_block, channel_block, parts, save_mean, save_invstd, coef, y):
+    n_batch, n_channels, length = x.shape
+    items = n_items(sample_block, channel_block, n_batch, n_channels)
+    for item in prange(items):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        item_moments(x, n0, n1, c0, c1, parts[sb])
+    count = merge_parts(parts, n_channels, sample_block, n_batch, length)
+    for c in range(n_channels):
+        finish_batch_channel(c, count, parts[0, 0, c], parts[0, 1, c], eps, momentum, update,
+                             running_mean, running_var, weight, bias, save_mean, save_invstd,
+                             coef)
+    for item in prange(items):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        affine_item(x, y, n0, n1, c0, c1, coef)
+
+
+@parallel_kernel
+def eval_forward_nchw_short(x, running_mean, running_var, weight, bias, eps, sample_block,
+                            channel_block, coef, y):
+    n_batch, n_channels, length = x.shape
+    for c in range(n_channels):
+        invstd = inverse_std(np.float64(running_var[c]), eps)
+        set_affine_coefficients(coef, c, np.float64(running_mean[c]), invstd,
+                                np.float64(weight[c]), np.float64(bias[c]))
+    for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        affine_item(x, y, n0, n1, c0, c1, coef)
+
+
+@parallel_kernel
+def train_backward_nchw_short(dy, x, save_mean, save_invstd, weight, sample_block,
+                              channel_block, parts, coef, grad_weight, grad_bias, dx):
+    n_batch, n_channels, length = x.shape
+    items = n_items(sample_block, channel_block, n_batch, n_channels)
+    count = np.float64(n_batch * length)
+    for c in range(n_channels):
+        coef[0, c] = save_mean[c]
+    for item in prange(items):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], False)
+    for c in range(n_channels):
+        sum_dy, sum_dy_dev = sum_parts(parts, c)
+        finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
+                            grad_weight, grad_bias, coef)
+    for item in prange(items):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        grad_input_item(dy, x, dx, n0, n1, c0, c1, coef)
+
+
+@parallel_kernel
+def eval_backward_nchw_short(dy, x, mean, invstd, weight, sample_block, channel_block, parts,
+                             coef, grad_weight, grad_bias, dx):
+    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass."""
+    n_batch, n_channels, length = x.shape
+    for c in range(n_channels):
+        coef[0, c] = mean[c]
+        coef[1, c] = np.float64(weight[c]) * invstd[c]
+    for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], True)
+    for c in range(n_channels):
+        sum_dy, sum_dy_dev = sum_parts(parts, c)
+        grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
+        grad_bias[c] = sum_dy
