@@ -18,9 +18,9 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, parallel_kernel
-from ._moments import (chan_merge, finish_batch_channel, finish_grad_channel, finite_or_zero,
-                       inverse_std, run_eval_grad, run_grad_sums, run_moment_sums,
-                       set_affine_coefficients, shifted_moments)
+from ._moments import (chan_merge, eval_coefficients, finish_batch_stats, finish_grads,
+                       finite_or_zero, run_eval_grad, run_grad_sums, run_moment_sums,
+                       shifted_moments)
 
 
 @helper
@@ -54,13 +54,24 @@ def item_moments(x, c, n0, n1, lo, hi):
 
 
 @helper
-def merge_channel(part_mean, part_m2, c, group, chunk, n_batch, length):
-    """Merge channel c's item partials in column order: (count, mean, M2)."""
-    count, mean, m2 = item_count(0, group, chunk, n_batch, length), part_mean[c, 0], part_m2[c, 0]
-    for j in range(1, part_mean.shape[1]):
-        count, mean, m2 = chan_merge(count, mean, m2, item_count(j, group, chunk, n_batch, length),
-                                     part_mean[c, j], part_m2[c, j])
-    return count, mean, m2
+def merge_channels(part_mean, part_m2, c0, c1, group, chunk, n_batch, length):
+    """Merge each channel's item partials in column order into column 0; return the count.
+
+    One call covers a range of channels: Numba's reference counting of array arguments costs
+    more than a merge when paid per channel (see _moments).
+    """
+    count = item_count(0, group, chunk, n_batch, length)
+    for c in range(c0, c1):
+        count = item_count(0, group, chunk, n_batch, length)
+        mean = part_mean[c, 0]
+        m2 = part_m2[c, 0]
+        for j in range(1, part_mean.shape[1]):
+            count, mean, m2 = chan_merge(count, mean, m2,
+                                         item_count(j, group, chunk, n_batch, length),
+                                         part_mean[c, j], part_m2[c, j])
+        part_mean[c, 0] = mean
+        part_m2[c, 0] = m2
+    return count
 
 
 @helper
@@ -108,13 +119,16 @@ def eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, shift, alpha):
 
 
 @helper
-def sum_channel(part_a, part_b, c):
-    total_a = 0.0
-    total_b = 0.0
-    for j in range(part_a.shape[1]):
-        total_a += part_a[c, j]
-        total_b += part_b[c, j]
-    return total_a, total_b
+def sum_channels(part_a, part_b, c0, c1):
+    """Each channel's item sums, in column order, into column 0."""
+    for c in range(c0, c1):
+        total_a = 0.0
+        total_b = 0.0
+        for j in range(part_a.shape[1]):
+            total_a += part_a[c, j]
+            total_b += part_b[c, j]
+        part_a[c, 0] = total_a
+        part_b[c, 0] = total_b
 
 
 # Items are numbered channel-major inside a plane group (item = (g * C + c) * n_chunks + k),
@@ -137,9 +151,9 @@ def moments_nchw(x, group, chunk, part_mean, part_m2, count, mean, m2):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
         part_mean[c, j], part_m2[c, j] = item_moments(x, c, n0, n1, lo, hi)
+    total = merge_channels(part_mean, part_m2, 0, n_channels, group, chunk, n_batch, length)
     for c in range(n_channels):
-        count[c], mean[c], m2[c] = merge_channel(part_mean, part_m2, c, group, chunk, n_batch,
-                                                 length)
+        count[c], mean[c], m2[c] = total, part_mean[c, 0], part_m2[c, 0]
 
 
 @parallel_kernel
@@ -153,10 +167,10 @@ def train_forward_nchw_by_block(x, weight, bias, eps, momentum, update, running_
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
         part_mean[c, j], part_m2[c, j] = item_moments(x, c, n0, n1, lo, hi)
     # Serial on purpose: a few merges per channel cost less than another parallel region.
-    for c in range(n_channels):
-        count, mean, m2 = merge_channel(part_mean, part_m2, c, group, chunk, n_batch, length)
-        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
-                             weight, bias, save_mean, save_invstd, coef)
+    count = merge_channels(part_mean, part_m2, 0, n_channels, group, chunk, n_batch, length)
+    finish_batch_stats(0, n_channels, count, part_mean[:, 0], part_m2[:, 0], eps, momentum,
+                       update, running_mean, running_var, weight, bias, save_mean, save_invstd,
+                       coef)
     for item in prange(n_items):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
@@ -172,9 +186,10 @@ def train_forward_nchw_by_channel(x, weight, bias, eps, momentum, update, runnin
         for j in range(part_mean.shape[1]):
             n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
             part_mean[c, j], part_m2[c, j] = item_moments(x, c, n0, n1, lo, hi)
-        count, mean, m2 = merge_channel(part_mean, part_m2, c, group, chunk, n_batch, length)
-        finish_batch_channel(c, count, mean, m2, eps, momentum, update, running_mean, running_var,
-                             weight, bias, save_mean, save_invstd, coef)
+        count = merge_channels(part_mean, part_m2, c, c + 1, group, chunk, n_batch, length)
+        finish_batch_stats(c, c + 1, count, part_mean[:, 0], part_m2[:, 0], eps, momentum,
+                           update, running_mean, running_var, weight, bias, save_mean,
+                           save_invstd, coef)
         affine_item(x, y, c, 0, n_batch, 0, length, coef[0, c], coef[1, c], coef[2, c])
 
 
@@ -183,10 +198,7 @@ def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, group, ch
     n_batch, n_channels, length = x.shape
     n_chunks = (length + chunk - 1) // chunk
     items_per_channel = ((n_batch + group - 1) // group) * n_chunks
-    for c in range(n_channels):
-        invstd = inverse_std(np.float64(running_var[c]), eps)
-        set_affine_coefficients(coef, c, np.float64(running_mean[c]), invstd,
-                                np.float64(weight[c]), np.float64(bias[c]))
+    eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     for item in prange(n_channels * items_per_channel):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
@@ -206,10 +218,9 @@ def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, group, c
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
         part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
-    for c in range(n_channels):
-        sum_dy, sum_dy_dev = sum_channel(part_a, part_b, c)
-        finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
-                            grad_weight, grad_bias, coef)
+    sum_channels(part_a, part_b, 0, n_channels)
+    finish_grads(0, n_channels, count, part_a[:, 0], part_b[:, 0], save_mean, save_invstd,
+                 weight, grad_weight, grad_bias, coef)
     for item in prange(n_items):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
@@ -227,9 +238,9 @@ def train_backward_nchw_by_channel(dy, x, save_mean, save_invstd, weight, group,
         for j in range(part_a.shape[1]):
             n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
             part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
-        sum_dy, sum_dy_dev = sum_channel(part_a, part_b, c)
-        finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
-                            grad_weight, grad_bias, coef)
+        sum_channels(part_a, part_b, c, c + 1)
+        finish_grads(c, c + 1, count, part_a[:, 0], part_b[:, 0], save_mean, save_invstd,
+                     weight, grad_weight, grad_bias, coef)
         grad_input_item(dy, x, dx, c, 0, n_batch, 0, length, coef[0, c], coef[1, c], coef[2, c],
                         coef[3, c])
 
@@ -248,7 +259,8 @@ def eval_backward_nchw(dy, x, mean, invstd, weight, group, chunk, part_a, part_b
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
         part_a[c, j], part_b[c, j] = eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, coef[0, c],
                                                     coef[1, c])
+    sum_channels(part_a, part_b, 0, n_channels)
     for c in range(n_channels):
-        sum_dy, sum_dy_dev = sum_channel(part_a, part_b, c)
-        grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
+        sum_dy = part_a[c, 0]
+        grad_weight[c] = (part_b[c, 0] - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy

@@ -13,9 +13,9 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, parallel_kernel
-from ._moments import (finish_batch_channel, finish_grad_channel, finite_or_zero, inverse_std,
+from ._moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
                        merge_parts, run_eval_grad, run_grad_sums, run_moment_sums,
-                       set_affine_coefficients, shifted_moments)
+                       shifted_moments)
 
 
 @helper
@@ -95,13 +95,16 @@ def grad_input_item(dy, x, dx, n0, n1, c0, c1, coef):
 
 
 @helper
-def sum_parts(parts, c):
-    total_a = 0.0
-    total_b = 0.0
-    for j in range(parts.shape[0]):
-        total_a += parts[j, 0, c]
-        total_b += parts[j, 1, c]
-    return total_a, total_b
+def sum_parts(parts, n_channels):
+    """Each channel's sums over sample blocks, in order, into parts[0]."""
+    for c in range(n_channels):
+        total_a = 0.0
+        total_b = 0.0
+        for j in range(parts.shape[0]):
+            total_a += parts[j, 0, c]
+            total_b += parts[j, 1, c]
+        parts[0, 0, c] = total_a
+        parts[0, 1, c] = total_b
 
 
 @parallel_kernel
@@ -125,10 +128,8 @@ def train_forward_nchw_short(x, weight, bias, eps, momentum, update, running_mea
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
         item_moments(x, n0, n1, c0, c1, parts[sb])
     count = merge_parts(parts, n_channels, sample_block, n_batch, length)
-    for c in range(n_channels):
-        finish_batch_channel(c, count, parts[0, 0, c], parts[0, 1, c], eps, momentum, update,
-                             running_mean, running_var, weight, bias, save_mean, save_invstd,
-                             coef)
+    finish_batch_stats(0, n_channels, count, parts[0, 0], parts[0, 1], eps, momentum, update,
+                       running_mean, running_var, weight, bias, save_mean, save_invstd, coef)
     for item in prange(items):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
         affine_item(x, y, n0, n1, c0, c1, coef)
@@ -138,10 +139,7 @@ def train_forward_nchw_short(x, weight, bias, eps, momentum, update, running_mea
 def eval_forward_nchw_short(x, running_mean, running_var, weight, bias, eps, sample_block,
                             channel_block, coef, y):
     n_batch, n_channels, length = x.shape
-    for c in range(n_channels):
-        invstd = inverse_std(np.float64(running_var[c]), eps)
-        set_affine_coefficients(coef, c, np.float64(running_mean[c]), invstd,
-                                np.float64(weight[c]), np.float64(bias[c]))
+    eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
         affine_item(x, y, n0, n1, c0, c1, coef)
@@ -158,10 +156,9 @@ def train_backward_nchw_short(dy, x, save_mean, save_invstd, weight, sample_bloc
     for item in prange(items):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
         grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], False)
-    for c in range(n_channels):
-        sum_dy, sum_dy_dev = sum_parts(parts, c)
-        finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
-                            grad_weight, grad_bias, coef)
+    sum_parts(parts, n_channels)
+    finish_grads(0, n_channels, count, parts[0, 0], parts[0, 1], save_mean, save_invstd, weight,
+                 grad_weight, grad_bias, coef)
     for item in prange(items):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
         grad_input_item(dy, x, dx, n0, n1, c0, c1, coef)
@@ -178,7 +175,8 @@ def eval_backward_nchw_short(dy, x, mean, invstd, weight, sample_block, channel_
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
         grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], True)
+    sum_parts(parts, n_channels)
     for c in range(n_channels):
-        sum_dy, sum_dy_dev = sum_parts(parts, c)
-        grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
+        sum_dy = parts[0, 0, c]
+        grad_weight[c] = (parts[0, 1, c] - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy

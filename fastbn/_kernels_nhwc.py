@@ -14,9 +14,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, parallel_kernel
-from ._moments import (finish_batch_channel, finish_grad_channel, inverse_std,
-                       finite_or_zero, merge_parts, set_affine_coefficients,
-                       shifted_moments)
+from ._moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
+                       merge_parts, shifted_moments)
 
 
 @helper
@@ -54,8 +53,12 @@ def block_moments(xf, n_channels, start, end, partial):
     shift = np.empty(width)
     sum_d = np.zeros(width)
     sum_d2 = np.zeros(width)
-    for k in range(width):
-        shift[k] = finite_or_zero(np.float64(xf[start + k % n_channels]))
+    # Lane q * C + c holds channel c; nested loops, because an integer modulo per lane cost
+    # more than the whole block reduction for large C.
+    for c in range(n_channels):
+        first = finite_or_zero(np.float64(xf[start + c]))
+        for q in range(reps):
+            shift[q * n_channels + c] = first
     for g in range(body.shape[0]):
         for k in range(width):
             d = np.float64(body[g, k]) - shift[k]
@@ -77,8 +80,9 @@ def block_moments(xf, n_channels, start, end, partial):
 @helper
 def tile_lanes(coef, coef_lanes, n_channels):
     for i in range(coef_lanes.shape[0]):
-        for k in range(coef_lanes.shape[1]):
-            coef_lanes[i, k] = coef[i, k % n_channels]
+        for q in range(coef_lanes.shape[1] // n_channels):
+            for c in range(n_channels):
+                coef_lanes[i, q * n_channels + c] = coef[i, c]
 
 
 @helper
@@ -118,16 +122,19 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, lanes):
 
 
 @helper
-def sum_block_lanes(ws, c, n_channels):
-    """Channel c's total of lanes rows 0 and 1 over all blocks, in a fixed order."""
+def fold_block_lanes(ws, n_channels):
+    """Channel c's totals of lane rows 0 and 1 over all blocks, in a fixed order, left in
+    ws[0, 0, c] and ws[0, 1, c] (no later channel reads those two lanes)."""
     reps = ws.shape[2] // n_channels
-    total_a = 0.0
-    total_b = 0.0
-    for b in range(ws.shape[0]):
-        for q in range(reps):
-            total_a += ws[b, 0, q * n_channels + c]
-            total_b += ws[b, 1, q * n_channels + c]
-    return total_a, total_b
+    for c in range(n_channels):
+        total_a = 0.0
+        total_b = 0.0
+        for b in range(ws.shape[0]):
+            for q in range(reps):
+                total_a += ws[b, 0, q * n_channels + c]
+                total_b += ws[b, 1, q * n_channels + c]
+        ws[0, 0, c] = total_a
+        ws[0, 1, c] = total_b
 
 
 @parallel_kernel
@@ -152,9 +159,8 @@ def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, runn
         block_moments(xf, n_channels, start, end, ws[b])
     # Serial on purpose: the merges cost less than another parallel region.
     count = merge_parts(ws, n_channels, block_rows, n_rows, 1)
-    for c in range(n_channels):
-        finish_batch_channel(c, count, ws[0, 0, c], ws[0, 1, c], eps, momentum, update,
-                             running_mean, running_var, weight, bias, save_mean, save_invstd, coef)
+    finish_batch_stats(0, n_channels, count, ws[0, 0], ws[0, 1], eps, momentum, update,
+                       running_mean, running_var, weight, bias, save_mean, save_invstd, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
@@ -166,10 +172,7 @@ def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, e
                       coef, coef_lanes, yf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = (n_rows + block_rows - 1) // block_rows
-    for c in range(n_channels):
-        invstd = inverse_std(np.float64(running_var[c]), eps)
-        set_affine_coefficients(coef, c, np.float64(running_mean[c]), invstd,
-                                np.float64(weight[c]), np.float64(bias[c]))
+    eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
@@ -202,10 +205,9 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, blo
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         grad_sums_block(dyf, xf, start, end, coef_lanes, ws[b])
-    for c in range(n_channels):
-        sum_dy, sum_dy_dev = sum_block_lanes(ws, c, n_channels)
-        finish_grad_channel(c, count, sum_dy, sum_dy_dev, save_mean[c], save_invstd[c], weight,
-                            grad_weight, grad_bias, coef)
+    fold_block_lanes(ws, n_channels)
+    finish_grads(0, n_channels, count, ws[0, 0], ws[0, 1], save_mean, save_invstd, weight,
+                 grad_weight, grad_bias, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
@@ -249,7 +251,8 @@ def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, block_rows, ws
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         eval_grad_block(dyf, xf, dxf, start, end, coef_lanes[:2], ws[b])
+    fold_block_lanes(ws, n_channels)
     for c in range(n_channels):
-        sum_dy, sum_dy_dev = sum_block_lanes(ws, c, n_channels)
-        grad_weight[c] = (sum_dy_dev - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
+        sum_dy = ws[0, 0, c]
+        grad_weight[c] = (ws[0, 1, c] - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy
