@@ -20,10 +20,12 @@ from . import _report as R
 TIMING = {
     "default": {"fastbn": dict(budget_s=0.8, min_repeats=5, max_repeats=100),
                 "numpy": dict(budget_s=0.4, min_repeats=3, max_repeats=20),
-                "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES, repeats=9)},
+                "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES, repeats=9),
+                "bandwidth_per_shape": 3},
     "quick": {"fastbn": dict(budget_s=0.1, min_repeats=3, max_repeats=20),
               "numpy": dict(budget_s=0.05, min_repeats=1, max_repeats=5, warmup=False),
-              "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES // 2, repeats=5)},
+              "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES // 2, repeats=5),
+              "bandwidth_per_shape": 1},
 }
 
 
@@ -81,12 +83,15 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
-def time_fastbn_and_numpy(shapes, dtype, timing, progress):
-    """A result dict per (shape, layout, op), with fastbn's and NumPy's timings."""
+def time_fastbn_and_numpy(shapes, dtype, timing, progress, probe):
+    """A result dict per (shape, layout, op), with fastbn's and NumPy's timings; bandwidth
+    samples go to probe before each shape."""
     results = []
     for shape in shapes:
         progress.note(f"filling {R.shape_label(shape)}")
         problem = R.make_problem(shape, dtype)
+        progress.note("measuring memory bandwidth")
+        probe.sample(timing["bandwidth_per_shape"])
         for layout in R.LAYOUTS:
             arrays = problem[layout]
             fast, ref = R.fastbn_ops(arrays, layout), R.numpy_ops(arrays, layout)
@@ -164,7 +169,7 @@ def header_lines(machine, bandwidth, settings, torch_note):
         f"- versions: Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}{torch}",
         f"- memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (parallel "
         f"y = a*x + b over {bandwidth['bytes_moved'] // 2 >> 20} MiB into a reused buffer, "
-        f"read + write, median of {len(bandwidth['samples_s'])})",
+        f"read + write, median of {len(bandwidth['samples_s'])} samples spread over the run)",
         f"- dtype {settings['dtype']}; roofline = (P * bytes / bandwidth) / time with P = "
         + ", ".join(f"{p} ({R.OP_TITLES[op]})" for op, p in R.PASSES.items())
         + "; GB/s = P * bytes / time",
@@ -235,9 +240,11 @@ def main(argv=None):
     started = time.perf_counter()
     with num_threads(threads):
         progress.note("measuring memory bandwidth")
-        bandwidth = R.measure_bandwidth(**timing["bandwidth"])
+        probe = R.BandwidthProbe(timing["bandwidth"]["n_bytes"])
+        probe.sample(timing["bandwidth"]["repeats"])
         machine = R.machine_info()
-        results = time_fastbn_and_numpy(args.shapes, args.dtype, timing, progress)
+        results = time_fastbn_and_numpy(args.shapes, args.dtype, timing, progress, probe)
+        bandwidth = probe.result()
     progress.close()
     torch_result, torch_note = None, "skipped (--no-torch)"
     if not args.no_torch:

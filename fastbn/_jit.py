@@ -157,14 +157,7 @@ def parallel_is_safe():
     """
     if not _forked_child:
         return True
-    from numba.np.ufunc import parallel as _parallel
-
-    if not _parallel._is_initialized:
-        return True
-    try:
-        layer = numba.threading_layer()
-    except ValueError:
-        return True
+    layer = _active_layer()
     # Intel's OpenMP is fork-safe, but Numba does not say which vendor it loaded; staying
     # serial in this rare case costs speed, never correctness.
     return layer != "omp"
@@ -178,16 +171,23 @@ def pool_is_exclusive():
     """
     global _exclusive_pool
     if _exclusive_pool is None:
-        from numba.np.ufunc import parallel as _parallel
-
-        if not _parallel._is_initialized:
-            return True
-        try:
-            layer = numba.threading_layer()
-        except ValueError:
+        layer = _active_layer()
+        if layer is None:
             return True
         _exclusive_pool = layer == "workqueue"
     return _exclusive_pool
+
+
+def _active_layer():
+    """The threading layer Numba's pool runs on, or None before the pool has started."""
+    from numba.np.ufunc import parallel as _parallel
+
+    if not _parallel._is_initialized:
+        return None
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
 
 
 @contextmanager

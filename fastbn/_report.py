@@ -100,26 +100,41 @@ def _compiled_stream_kernel():
     return _stream_kernel
 
 
-def measure_bandwidth(n_bytes=BANDWIDTH_BYTES, repeats=9):
-    """Parallel read+write memory bandwidth in bytes/s: the median of ``repeats`` runs of
-    y = x*a + b over n_bytes of float32 into a reused, pre-filled y of the same size.
+class BandwidthProbe:
+    """Parallel read+write memory bandwidth: runs of y = x*a + b over n_bytes of float32 into
+    a reused, pre-filled y of the same size.
 
+    A shared machine's bandwidth drifts during a run, so the report takes samples before every
+    shape and quotes the median of all of them, rather than trusting one burst at the start.
     Bytes counted are read + write (2 * n_bytes), as for the batch norm ops; the write-allocate
     read that a cached store also causes is not counted, in either.
     """
-    kernel = _compiled_stream_kernel()
-    x = np.full(n_bytes // 4, 1.0, np.float32)
-    y = np.full_like(x, 0.0)
-    a, b = np.float32(1.0), np.float32(0.0)
-    kernel(x, a, b, y)  # compile or load, and start the thread pool
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        kernel(x, a, b, y)
-        samples.append(time.perf_counter() - start)
-    moved = 2 * x.nbytes
-    return {"bytes_per_s": moved / float(np.median(samples)), "bytes_moved": moved,
-            "samples_s": samples}
+
+    def __init__(self, n_bytes=BANDWIDTH_BYTES):
+        self._kernel = _compiled_stream_kernel()
+        self._x = np.full(n_bytes // 4, 1.0, np.float32)
+        self._y = np.full_like(self._x, 0.0)
+        self._kernel(self._x, np.float32(1.0), np.float32(0.0), self._y)  # compile, start pool
+        self.samples = []
+
+    def sample(self, repeats):
+        a, b = np.float32(1.0), np.float32(0.0)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._kernel(self._x, a, b, self._y)
+            self.samples.append(time.perf_counter() - start)
+
+    def result(self):
+        moved = 2 * self._x.nbytes
+        return {"bytes_per_s": moved / float(np.median(self.samples)), "bytes_moved": moved,
+                "samples_s": list(self.samples)}
+
+
+def measure_bandwidth(n_bytes=BANDWIDTH_BYTES, repeats=9):
+    """Bandwidth in bytes/s from ``repeats`` back-to-back samples (see BandwidthProbe)."""
+    probe = BandwidthProbe(n_bytes)
+    probe.sample(repeats)
+    return probe.result()
 
 
 # ----------------------------------------------------------------------------- timing
