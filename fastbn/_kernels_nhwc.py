@@ -1,10 +1,11 @@
 """Channels-last kernels on a flat view of a (rows, C) array: value j belongs to channel j % C.
 
 Rows are cut into fixed blocks of `block_rows` rows, and every block keeps its own partials in
-a (n_blocks, 2, W) float64 workspace. Inner loops run over W = C * reps "lanes", where reps is
-chosen so that W is a multiple of the SIMD width: lane k always holds channel k % C, so the loop
-vectorizes across rows even for C = 3. After a block's lanes are folded per channel, blocks are
-merged in index order, which makes results independent of the thread count.
+a (n_blocks, 2, W) float64 workspace. Inner loops run over W = C * reps "lanes", where reps
+divides the row count and, where the row count allows, makes W a multiple of the SIMD width:
+lane k always holds channel k % C, so the loop vectorizes across rows even for C = 3, and
+every block is a whole number of lane groups. After a block's lanes are folded per channel,
+blocks are merged in index order, which makes results independent of the thread count.
 
 Kernels do no validation and no allocation policy: the caller passes every buffer it gets
 back; only small per-block lane accumulators are made inside.
@@ -27,16 +28,14 @@ def block_bounds(b, block_rows, n_rows, n_channels):
 
 @helper
 def grouped(flat, start, end, width):
-    """flat[start:end] as a (groups, width) view plus the remaining values (a whole number of
-    rows, fewer than width).
+    """flat[start:end] as a (groups, width) view; the plan makes every block a whole number
+    of lane groups, so nothing is left over.
 
-    Hot loops index these views from 0: Numba guards signed indices against negative
+    Hot loops index this view from 0: Numba guards signed indices against negative
     wraparound, and only induction variables that start at 0 let LLVM drop the guard and
     vectorize.
     """
-    n_groups = (end - start) // width
-    split = start + n_groups * width
-    return flat[start:split].reshape(n_groups, width), flat[split:end]
+    return flat[start:end].reshape((end - start) // width, width)
 
 
 @helper
@@ -49,7 +48,7 @@ def block_moments(xf, n_channels, start, end, partial):
     width = partial.shape[1]
     reps = width // n_channels
     n_rows = np.float64((end - start) // n_channels)
-    body, tail = grouped(xf, start, end, width)
+    body = grouped(xf, start, end, width)
     shift = np.empty(width)
     sum_d = np.zeros(width)
     sum_d2 = np.zeros(width)
@@ -64,10 +63,6 @@ def block_moments(xf, n_channels, start, end, partial):
             d = np.float64(body[g, k]) - shift[k]
             sum_d[k] += d
             sum_d2[k] += d * d
-    for k in range(tail.size):
-        d = np.float64(tail[k]) - shift[k]
-        sum_d[k] += d
-        sum_d2[k] += d * d
     for c in range(n_channels):
         total_d = 0.0
         total_d2 = 0.0
@@ -88,14 +83,12 @@ def tile_lanes(coef, coef_lanes, n_channels):
 @helper
 def affine_block(xf, yf, start, end, coef_lanes):
     width = coef_lanes.shape[1]
-    x_body, x_tail = grouped(xf, start, end, width)
-    y_body, y_tail = grouped(yf, start, end, width)
+    x_body = grouped(xf, start, end, width)
+    y_body = grouped(yf, start, end, width)
     shift, alpha, beta = coef_lanes[0], coef_lanes[1], coef_lanes[2]
     for g in range(x_body.shape[0]):
         for k in range(width):
             y_body[g, k] = (x_body[g, k] - shift[k]) * alpha[k] + beta[k]
-    for k in range(x_tail.size):
-        y_tail[k] = (x_tail[k] - shift[k]) * alpha[k] + beta[k]
 
 
 @helper
@@ -103,8 +96,8 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, lanes):
     """Lane sums of dy and dy * (x - shift) into lanes[0] and lanes[1] (local accumulators,
     as in block_moments)."""
     width = coef_lanes.shape[1]
-    dy_body, dy_tail = grouped(dyf, start, end, width)
-    x_body, x_tail = grouped(xf, start, end, width)
+    dy_body = grouped(dyf, start, end, width)
+    x_body = grouped(xf, start, end, width)
     shift = coef_lanes[0]
     sum_dy = np.zeros(width)
     sum_dy_dev = np.zeros(width)
@@ -113,10 +106,6 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, lanes):
             grad = np.float64(dy_body[g, k])
             sum_dy[k] += grad
             sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift[k])
-    for k in range(x_tail.size):
-        grad = np.float64(dy_tail[k])
-        sum_dy[k] += grad
-        sum_dy_dev[k] += grad * np.float64(x_tail[k] - shift[k])
     lanes[0, :] = sum_dy
     lanes[1, :] = sum_dy_dev
 
@@ -182,15 +171,13 @@ def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, e
 @helper
 def grad_input_block(dyf, xf, dxf, start, end, coef_lanes):
     width = coef_lanes.shape[1]
-    dy_body, dy_tail = grouped(dyf, start, end, width)
-    x_body, x_tail = grouped(xf, start, end, width)
-    dx_body, dx_tail = grouped(dxf, start, end, width)
+    dy_body = grouped(dyf, start, end, width)
+    x_body = grouped(xf, start, end, width)
+    dx_body = grouped(dxf, start, end, width)
     shift, k_dy, k_x, k_0 = coef_lanes[0], coef_lanes[1], coef_lanes[2], coef_lanes[3]
     for g in range(x_body.shape[0]):
         for k in range(width):
             dx_body[g, k] = dy_body[g, k] * k_dy[k] + (x_body[g, k] - shift[k]) * k_x[k] + k_0[k]
-    for k in range(x_tail.size):
-        dx_tail[k] = dy_tail[k] * k_dy[k] + (x_tail[k] - shift[k]) * k_x[k] + k_0[k]
 
 
 @parallel_kernel
@@ -218,9 +205,9 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, blo
 def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes):
     """dx = dy * alpha, and the lane sums for the parameter gradients, in one pass."""
     width = coef_lanes.shape[1]
-    dy_body, dy_tail = grouped(dyf, start, end, width)
-    x_body, x_tail = grouped(xf, start, end, width)
-    dx_body, dx_tail = grouped(dxf, start, end, width)
+    dy_body = grouped(dyf, start, end, width)
+    x_body = grouped(xf, start, end, width)
+    dx_body = grouped(dxf, start, end, width)
     shift, alpha = coef_lanes[0], coef_lanes[1]
     sum_dy = np.zeros(width)
     sum_dy_dev = np.zeros(width)
@@ -230,11 +217,6 @@ def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes):
             dx_body[g, k] = grad * alpha[k]
             sum_dy[k] += np.float64(grad)
             sum_dy_dev[k] += np.float64(grad) * np.float64(x_body[g, k] - shift[k])
-    for k in range(x_tail.size):
-        grad = dy_tail[k]
-        dx_tail[k] = grad * alpha[k]
-        sum_dy[k] += np.float64(grad)
-        sum_dy_dev[k] += np.float64(grad) * np.float64(x_tail[k] - shift[k])
     lanes[0, :] = sum_dy
     lanes[1, :] = sum_dy_dev
 

@@ -69,9 +69,11 @@ class Plan:
                 self.channel_block = n_channels
             self.n_sample_blocks = max(1, -(-n_batch // self.sample_block))
         else:
-            reps = SIMD_LANES // gcd(n_channels, SIMD_LANES)
-            self.width = n_channels * reps
             self.n_rows = n_batch * length
+            # reps rows per lane group make W = C * reps a multiple of the SIMD width; reps
+            # also divides the row count, so every block is a whole number of lane groups.
+            reps = gcd(SIMD_LANES // gcd(n_channels, SIMD_LANES), max(self.n_rows, 1))
+            self.width = n_channels * reps
             self.block_rows = max(reps, (ROW_BLOCK_VALUES // self.width) * reps)
             self.n_blocks = max(1, -(-self.n_rows // self.block_rows))
         self.key = (self.kind, n_batch, n_channels, length)
