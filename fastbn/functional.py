@@ -1,7 +1,8 @@
 """Batch normalization as functions on NumPy arrays, with PyTorch's semantics.
 
-This layer validates, builds kernel views and dispatches; the kernels do the arithmetic.
-Everything is checked before the first kernel runs, so a call that raises changes nothing.
+This layer validates (with the checks in _validate), builds kernel views and dispatches; the
+kernels do the arithmetic. Everything is checked before the first kernel runs, so a call that
+raises changes nothing.
 
 Statistics are float64 for float32 and float64 input alike. Saved statistics (``save_mean``,
 ``save_invstd``) are float64 arrays of shape (C,).
@@ -14,96 +15,15 @@ from . import _kernels_nchw as planes
 from . import _kernels_nchw_short as short
 from . import _kernels_nhwc as rows
 from ._layout import plan_for, workspace_for
+from ._validate import (as_float_array, channel_vector, check_batch_size, check_channels,
+                        check_eps, check_momentum, check_no_overlap, checked_output,
+                        contiguous, new_or_checked_output)
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "channel_moments",
            "merge_moments"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _ones = {}
 _zeros = {}
-
-
-# ----------------------------------------------------------------------------- validation
-
-def as_float_array(x, name="x"):
-    """x as a float32/float64 ndarray, or a TypeError that says what was wrong."""
-    if type(x) is not np.ndarray:
-        try:
-            x = np.asarray(x)
-        except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be an array of float32 or float64 values; "
-                            f"np.asarray failed: {exc}") from None
-    if x.dtype not in _FLOAT_DTYPES:
-        if x.dtype == np.float16:
-            raise TypeError(f"{name} has dtype float16, which fastbn does not support; "
-                            "convert it with x.astype(np.float32)")
-        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
-    return x
-
-
-def check_channels(x, num_channels, channels_last, name="x"):
-    """Raise ValueError unless x is (N, C, ...) or (N, ..., C) with C == num_channels."""
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), got shape "
-                         f"{x.shape}")
-    got = x.shape[-1] if channels_last else x.shape[1]
-    if got != num_channels:
-        axis = "last" if channels_last else "1"
-        raise ValueError(f"{name} has {got} channels (axis {axis}) but {num_channels} were "
-                         f"expected; shape {x.shape}")
-
-
-def check_batch_size(x, plan):
-    if plan.count == 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input "
-                         f"size {x.shape}")
-
-
-def _contiguous(x):
-    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
-
-
-def _channel_vector(v, n_channels, name, writeable=False):
-    if v is None:
-        return None
-    if type(v) is not np.ndarray or v.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float32 or float64 ndarray of shape "
-                        f"({n_channels},), got {type(v).__name__}"
-                        + (f" of dtype {v.dtype}" if isinstance(v, np.ndarray) else ""))
-    if v.shape != (n_channels,):
-        raise ValueError(f"{name} must have shape ({n_channels},), got {v.shape}")
-    if writeable and not (v.flags.writeable and v.flags.c_contiguous):
-        raise ValueError(f"{name} is updated in place, so it must be writeable and contiguous")
-    return v
-
-
-def _output(out, x, name="out"):
-    """out validated against x, or a new C-contiguous array like x."""
-    if out is None:
-        return np.empty(x.shape, x.dtype)
-    if type(out) is not np.ndarray:
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"{name} must have shape {x.shape} and dtype {x.dtype}, got shape "
-                         f"{out.shape} and dtype {out.dtype}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"{name} must be C-contiguous and writeable")
-    return out
-
-
-def check_no_overlap(out, x, out_name, x_name, allow_same=False):
-    """Reject an out that overlaps x partially; an exact alias is elementwise-safe."""
-    if out is x or not np.may_share_memory(out, x):
-        if out is x and not allow_same:
-            raise ValueError(f"{out_name} must not be {x_name}: {x_name} is needed intact")
-        return
-    same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-            and out.strides == x.strides)
-    if same and allow_same:
-        return
-    if same or np.shares_memory(out, x):
-        raise ValueError(f"{out_name} overlaps {x_name} in memory, which would corrupt the "
-                         "result; pass a separate buffer")
 
 
 def _params(weight, bias, n_channels, dtype):
@@ -116,20 +36,6 @@ def _params(weight, bias, n_channels, dtype):
         if bias is None:
             bias = _zeros[(n_channels, dtype)] = np.zeros(n_channels, dtype)
     return weight, bias
-
-
-def _check_eps(eps):
-    eps = float(eps)
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be a non-negative number, got {eps}")
-    return eps
-
-
-def _check_momentum(momentum):
-    momentum = float(momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    return momentum
 
 
 def running_invstd(running_var, eps):
@@ -152,14 +58,6 @@ def _planes_kernel(by_channel, by_block, plan, size):
     return by_channel.select(size)
 
 
-def _new_or_checked_output(out, x, allow_same):
-    if out is None:
-        return np.empty(x.shape, x.dtype)
-    out = _output(out, x)
-    check_no_overlap(out, x, "out", "x", allow_same=allow_same)
-    return out
-
-
 # ----------------------------------------------------------------------------- forward
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None,
@@ -177,16 +75,16 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
     x = as_float_array(x)
     n_channels = x.shape[-1 if channels_last else 1] if x.ndim >= 2 else 0
     check_channels(x, n_channels, channels_last)
-    weight = _channel_vector(weight, n_channels, "weight")
-    bias = _channel_vector(bias, n_channels, "bias")
+    weight = channel_vector(weight, n_channels, "weight")
+    bias = channel_vector(bias, n_channels, "bias")
     update = running_mean is not None or running_var is not None
     if update:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given together")
-        running_mean = _channel_vector(running_mean, n_channels, "running_mean", writeable=True)
-        running_var = _channel_vector(running_var, n_channels, "running_var", writeable=True)
-    eps = _check_eps(eps)
-    momentum = _check_momentum(momentum)
+        running_mean = channel_vector(running_mean, n_channels, "running_mean", writeable=True)
+        running_var = channel_vector(running_var, n_channels, "running_var", writeable=True)
+    eps = check_eps(eps)
+    momentum = check_momentum(momentum)
     return _batch_stats_forward(x, channels_last, weight, bias, eps, momentum,
                                 running_mean if update else None, running_var, out)
 
@@ -196,13 +94,13 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
     """batch_norm_forward after validation; running buffers are updated unless None."""
     n_channels = x.shape[-1 if channels_last else 1]
     if x.size == 0:
-        y = _output(out, x)
+        y = checked_output(out, x)
         nan = np.full(n_channels, np.nan)
         return y, nan, nan.copy()
     plan = plan_for(x.shape, channels_last)
     check_batch_size(x, plan)
-    x = _contiguous(x)
-    y = _new_or_checked_output(out, x, allow_same=True)
+    x = contiguous(x)
+    y = new_or_checked_output(out, x, allow_same=True)
     weight, bias = _params(weight, bias, n_channels, x.dtype)
     update = running_mean is not None
     if not update:
@@ -230,8 +128,8 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
 
 
 def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out):
-    x = _contiguous(x)
-    y = _new_or_checked_output(out, x, allow_same=True)
+    x = contiguous(x)
+    y = new_or_checked_output(out, x, allow_same=True)
     if x.size == 0:
         return y
     plan = plan_for(x.shape, channels_last)
@@ -269,11 +167,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     n_channels = x.shape[-1 if channels_last else 1]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    running_mean = _channel_vector(running_mean, n_channels, "running_mean")
-    running_var = _channel_vector(running_var, n_channels, "running_var")
-    weight = _channel_vector(weight, n_channels, "weight")
-    bias = _channel_vector(bias, n_channels, "bias")
-    return _eval_forward(x, running_mean, running_var, weight, bias, _check_eps(eps),
+    running_mean = channel_vector(running_mean, n_channels, "running_mean")
+    running_var = channel_vector(running_var, n_channels, "running_var")
+    weight = channel_vector(weight, n_channels, "weight")
+    bias = channel_vector(bias, n_channels, "bias")
+    return _eval_forward(x, running_mean, running_var, weight, bias, check_eps(eps),
                          channels_last, out)
 
 
@@ -298,16 +196,16 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
         raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x, {x.dtype}, got {dy.dtype}")
-    mean = _channel_vector(mean, n_channels, "mean")
-    invstd = _channel_vector(invstd, n_channels, "invstd")
-    weight = _channel_vector(weight, n_channels, "weight")
+    mean = channel_vector(mean, n_channels, "mean")
+    invstd = channel_vector(invstd, n_channels, "invstd")
+    weight = channel_vector(weight, n_channels, "weight")
     param_dtype = weight.dtype if weight is not None else x.dtype
-    x = _contiguous(x)
-    dy = _contiguous(dy)
+    x = contiguous(x)
+    dy = contiguous(dy)
     if out is None:
         dx = np.empty(x.shape, x.dtype)
     else:
-        dx = _output(out, x)
+        dx = checked_output(out, x)
         check_no_overlap(dx, x, "out", "x")
         check_no_overlap(dx, dy, "out", "dy", allow_same=True)
     grads = np.zeros((2, n_channels), param_dtype)
@@ -354,7 +252,7 @@ def channel_moments(x, *, channels_last=False):
     if x.size == 0:
         raise ValueError(f"cannot compute moments of an empty batch, shape {x.shape}")
     plan = plan_for(x.shape, channels_last)
-    x = _contiguous(x)
+    x = contiguous(x)
     count = np.empty(n_channels, np.float64)
     mean = np.empty(n_channels, np.float64)
     m2 = np.empty(n_channels, np.float64)

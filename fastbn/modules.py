@@ -6,6 +6,7 @@ The modules follow torch.nn.BatchNorm{1,2,3}d exactly, on NumPy arrays, with an 
 
 import numpy as np
 
+from . import _validate as V
 from . import functional as F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -27,8 +28,8 @@ class _BatchNorm:
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         self.num_features = int(num_features)
-        self.eps = F._check_eps(eps)
-        self.momentum = None if momentum is None else F._check_momentum(momentum)
+        self.eps = V.check_eps(eps)
+        self.momentum = None if momentum is None else V.check_momentum(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.channels_last = bool(channels_last)
@@ -144,29 +145,29 @@ class _BatchNorm:
     # ------------------------------------------------------------------ compute
 
     def _check_input(self, x):
-        x = F.as_float_array(x)
+        x = V.as_float_array(x)
         if x.ndim not in self._ndims:
             layout = "channels_last" if self.channels_last else "channels_first"
             raise ValueError(f"{type(self).__name__} ({layout}) expects input of shape "
                              f"{self._shape_doc[self.channels_last]}, got {x.ndim}D input of "
                              f"shape {x.shape}")
-        F.check_channels(x, self.num_features, self.channels_last)
+        V.check_channels(x, self.num_features, self.channels_last)
         return x
 
     def _checked_state(self):
         """weight, bias, running_mean, running_var, checked: they are public attributes a
         caller may have replaced, and kernels index them without bounds checks."""
         n = self.num_features
-        return (F._channel_vector(self.weight, n, "weight"),
-                F._channel_vector(self.bias, n, "bias"),
-                F._channel_vector(self.running_mean, n, "running_mean", writeable=True),
-                F._channel_vector(self.running_var, n, "running_var", writeable=True))
+        return (V.channel_vector(self.weight, n, "weight"),
+                V.channel_vector(self.bias, n, "bias"),
+                V.channel_vector(self.running_mean, n, "running_mean", writeable=True),
+                V.channel_vector(self.running_var, n, "running_var", writeable=True))
 
     def forward(self, x, out=None):
         x = self._check_input(x)
         if out is not None:
             # backward needs x as it was, so the module never writes over it.
-            F.check_no_overlap(F._output(out, x), x, "out", "x")
+            V.check_no_overlap(V.checked_output(out, x), x, "out", "x")
         weight, bias, running_mean, running_var = self._checked_state()
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
@@ -198,7 +199,7 @@ class _BatchNorm:
         x, mean, invstd, use_batch_stats = self._saved
         if not use_batch_stats:
             mean, invstd = mean.astype(np.float64), F.running_invstd(invstd, self.eps)
-        dy = F.as_float_array(dy, "dy")
+        dy = V.as_float_array(dy, "dy")
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last forward input, {x.shape}, "
                              f"got {dy.shape}")
