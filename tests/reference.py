@@ -80,17 +80,6 @@ def values_per_channel(x, channels_last):
 
 # ----------------------------------------------------------------------------- statistics
 
-def batch_mean_var(x, channels_last):
-    """Per-channel (mean, biased var, unbiased var) of x in float64."""
-    xc = channels_first(x, channels_last)
-    axes = _reduce_axes(xc.ndim)
-    n = xc.size // xc.shape[1]
-    mean = xc.mean(axis=axes)
-    m2 = ((xc - _per_channel(mean, xc.ndim)) ** 2).sum(axis=axes)
-    var_unbiased = m2 / (n - 1) if n > 1 else np.full_like(m2, np.nan)
-    return mean, m2 / n, var_unbiased
-
-
 def channel_moments(x, channels_last):
     """Per-channel (count, mean, m2) in float64."""
     xc = channels_first(x, channels_last)
@@ -99,6 +88,14 @@ def channel_moments(x, channels_last):
     mean = xc.mean(axis=axes)
     m2 = ((xc - _per_channel(mean, xc.ndim)) ** 2).sum(axis=axes)
     return np.full(xc.shape[1], float(n)), mean, m2
+
+
+def batch_mean_var(x, channels_last):
+    """Per-channel (mean, biased var, unbiased var) of x in float64."""
+    count, mean, m2 = channel_moments(x, channels_last)
+    n = count[0]
+    var_unbiased = m2 / (n - 1) if n > 1 else np.full_like(m2, np.nan)
+    return mean, m2 / n, var_unbiased
 
 
 def inverse_std(var, eps):
