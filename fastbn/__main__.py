@@ -1,8 +1,9 @@
 """``python -m fastbn``: a memory-bandwidth roofline report of fastbn against NumPy and PyTorch.
 
-The machine's read+write bandwidth is measured first, in the same run, so every time is also
-quoted as a fraction of the bound P * bytes / bandwidth. NumPy runs in this process; torch runs
-in a subprocess with the same thread count (see fastbn/_bench_torch.py). Progress goes to
+The machine's read+write bandwidth is sampled before every shape, in the same run, so every
+time is also quoted as a fraction of the bound P * bytes / bandwidth. NumPy runs in this
+process; torch runs in a worker process with the same thread count, asked for each cell right
+after fastbn's (see fastbn/_bench_torch.py). Progress goes to
 stderr and the table to stdout, so ``python -m fastbn > report.md`` keeps just the report.
 """
 
@@ -83,13 +84,16 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
-def time_fastbn_and_numpy(shapes, dtype, timing, progress, probe):
-    """A result dict per (shape, layout, op), with fastbn's and NumPy's timings; bandwidth
-    samples go to probe before each shape."""
+def time_cells(shapes, dtype, timing, progress, probe, peer):
+    """A result dict per (shape, layout, op), with the timings of fastbn, NumPy and (when peer
+    is not None) torch, each cell's three taken back to back; bandwidth samples go to probe
+    before each shape."""
     results = []
     for shape in shapes:
         progress.note(f"filling {R.shape_label(shape)}")
         problem = R.make_problem(shape, dtype)
+        if peer:
+            peer.load(shape)
         progress.note("measuring memory bandwidth")
         probe.sample(timing["bandwidth_per_shape"])
         for layout in R.LAYOUTS:
@@ -99,31 +103,31 @@ def time_fastbn_and_numpy(shapes, dtype, timing, progress, probe):
                 label = f"{op:<13} {layout} {R.shape_label(shape)}"
                 progress.note(f"fastbn {label}")
                 fast_t = R.time_op(fast[op], **timing["fastbn"])
+                peer_t = None
+                if peer:
+                    progress.note(f"torch  {label}")
+                    peer_t = peer.time(layout, op, timing["fastbn"])
                 progress.note(f"numpy  {label}")
                 ref_t = R.time_op(ref[op], **timing["numpy"])
+                torch_text = f"  torch {peer_t['median_s'] * 1e3:9.3f} ms" if peer_t else ""
                 progress.step(f"{label:<40} fastbn {fast_t['median_s'] * 1e3:9.3f} ms  "
-                              f"numpy {ref_t['median_s'] * 1e3:9.3f} ms")
+                              f"numpy {ref_t['median_s'] * 1e3:9.3f} ms{torch_text}")
                 results.append({"shape": list(shape), "layout": layout, "op": op,
                                 "array_shape": list(R.layout_shape(shape, layout)),
                                 "bytes": arrays["x"].nbytes, "passes": R.PASSES[op],
-                                "fastbn": fast_t, "numpy": ref_t, "torch": None})
+                                "fastbn": fast_t, "numpy": ref_t, "torch": peer_t})
         del problem, arrays, fast, ref
     return results
 
 
-def add_ratios(results, bytes_per_s, torch_result):
-    torch_times = {}
-    if torch_result:
-        torch_times = {(tuple(r["shape"]), r["layout"], r["op"]): r
-                       for r in torch_result["results"]}
+def add_ratios(results, bytes_per_s):
     for row in results:
         seconds = row["fastbn"]["median_s"]
         row["effective_bytes_per_s"] = row["passes"] * row["bytes"] / seconds
         row["roofline_fraction"] = R.roofline_fraction(row["passes"], row["bytes"],
                                                        bytes_per_s, seconds)
         row["speedup_vs_numpy"] = row["numpy"]["median_s"] / seconds
-        peer = torch_times.get((tuple(row["shape"]), row["layout"], row["op"]))
-        row["torch"] = peer
+        peer = row["torch"]
         row["speedup_vs_torch"] = peer["median_s"] / seconds if peer else None
 
 
@@ -216,7 +220,7 @@ def main(argv=None):
     import numba
 
     from ._bench_plot import matplotlib_or_none, write_plot
-    from ._bench_torch import time_torch
+    from ._bench_torch import TorchPeer
     from ._jit import num_threads
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -238,25 +242,28 @@ def main(argv=None):
                 "command": " ".join(["python -m fastbn", *argv]).strip()}
     progress = Progress(len(args.shapes) * len(R.LAYOUTS) * len(R.OPS))
     started = time.perf_counter()
-    with num_threads(threads):
-        progress.note("measuring memory bandwidth")
-        probe = R.BandwidthProbe(timing["bandwidth"]["n_bytes"])
-        probe.sample(timing["bandwidth"]["repeats"])
-        machine = R.machine_info()
-        results = time_fastbn_and_numpy(args.shapes, args.dtype, timing, progress, probe)
-        bandwidth = probe.result()
-    progress.close()
-    torch_result, torch_note = None, "skipped (--no-torch)"
+    peer, torch_note = None, "skipped (--no-torch)"
     if not args.no_torch:
-        print(f"timing torch in a subprocess with {threads} threads", file=sys.stderr)
-        torch_result, reason = time_torch(args.shapes, R.OPS, R.LAYOUTS, args.dtype, threads,
-                                          timing["fastbn"])
-        torch_note = (f"torch {torch_result['torch']} in a subprocess, "
-                      f"{torch_result['threads']} threads" if torch_result
+        progress.note(f"starting the torch worker with {threads} threads")
+        peer, reason = TorchPeer.start(args.dtype, threads)
+        torch_note = (f"torch {peer.version} in a worker process, {peer.threads} threads, "
+                      "each cell timed right after fastbn's" if peer
                       else f"not measured: {reason}")
         if reason:
             print(f"torch comparison skipped: {reason}", file=sys.stderr)
-    add_ratios(results, bandwidth["bytes_per_s"], torch_result)
+    try:
+        with num_threads(threads):
+            progress.note("measuring memory bandwidth")
+            probe = R.BandwidthProbe(timing["bandwidth"]["n_bytes"])
+            probe.sample(timing["bandwidth"]["repeats"])
+            machine = R.machine_info()
+            results = time_cells(args.shapes, args.dtype, timing, progress, probe, peer)
+            bandwidth = probe.result()
+    finally:
+        if peer:
+            peer.close()
+    progress.close()
+    add_ratios(results, bandwidth["bytes_per_s"])
     report = {"machine": machine, "bandwidth": bandwidth, "passes": dict(R.PASSES),
               "settings": settings, "torch_note": torch_note, "results": results,
               "summary": summarize(results), "elapsed_s": time.perf_counter() - started}

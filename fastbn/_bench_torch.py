@@ -1,9 +1,12 @@
 """The PyTorch peer of the roofline report, timed in a process of its own.
 
 torch's OpenMP pool and Numba's would fight over the same cores if both ran in one process, so
-the report starts ``python -m fastbn._bench_torch``, sends the grid as JSON on stdin, and reads
-JSON timings from stdout; progress goes to stderr, which the child shares with the parent.
-The child runs no Numba kernel (importing the package loads Numba but starts no threads).
+the report starts ``python -m fastbn._bench_torch`` once and asks it for one timing at a time,
+as JSON lines on stdin and stdout: each torch cell is timed right after the same fastbn cell.
+The machine's bandwidth drifts by tens of percent within minutes, so timing the two within a
+second of each other keeps the ratio honest where two separate sweeps would not. The parent
+waits on the pipe while the worker runs (and the worker while the parent runs), so the two
+never compete for the cores. Progress goes to stderr, shared with the parent.
 
 What is timed, per op, on the same values fastbn sees (built by ``_report.make_problem``):
 - train_forward: ``F.batch_norm(..., training=True)`` under ``torch.no_grad()``, updating the
@@ -27,27 +30,60 @@ import sys
 
 import numpy as np
 
-from ._report import EPS, MOMENTUM, make_problem, shape_label, stderr_is_terminal, time_op
+from ._report import EPS, MOMENTUM, make_problem, time_op
 
 
-def time_torch(shapes, ops, layouts, dtype, threads, timing, seed=0):
-    """Run the torch worker: (result dict, None), or (None, reason) when torch is missing or
-    the worker fails. timing holds time_op's keyword arguments."""
-    request = {"shapes": [list(s) for s in shapes], "ops": list(ops), "layouts": list(layouts),
-               "dtype": np.dtype(dtype).name, "threads": threads, "timing": timing,
-               "seed": seed}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fastbn._bench_torch"],
-                              input=json.dumps(request), stdout=subprocess.PIPE, text=True,
-                              env=env, check=False)
-    except OSError as exc:
-        return None, f"could not start the torch worker: {exc}"
-    if proc.returncode == 3:
-        return None, "torch is not installed"
-    if proc.returncode != 0:
-        return None, f"torch worker failed with exit code {proc.returncode} (see stderr)"
-    return json.loads(proc.stdout), None
+class TorchPeer:
+    """The worker process, driven one request at a time. ``TorchPeer.start`` gives
+    (peer, None), or (None, reason) when torch is missing or the worker cannot start."""
+
+    def __init__(self, proc, version, threads):
+        self._proc, self.version, self.threads = proc, version, threads
+
+    @classmethod
+    def start(cls, dtype, threads, seed=0):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "fastbn._bench_torch"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    env=env)
+        except OSError as exc:
+            return None, f"could not start the torch worker: {exc}"
+        peer = cls(proc, None, threads)
+        try:
+            hello = peer._ask({"cmd": "hello", "dtype": np.dtype(dtype).name,
+                               "threads": threads, "seed": seed})
+        except RuntimeError:
+            code = proc.wait()
+            if code == 3:
+                return None, "torch is not installed"
+            return None, f"torch worker failed with exit code {code} (see stderr)"
+        peer.version, peer.threads = hello["torch"], hello["threads"]
+        return peer, None
+
+    def _ask(self, request):
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            raise RuntimeError("the torch worker exited (see stderr)")
+        return json.loads(line)
+
+    def load(self, shape):
+        """Fill the worker's inputs for shape (the same values as make_problem's)."""
+        self._ask({"cmd": "load", "shape": list(shape)})
+
+    def time(self, layout, op, timing):
+        """time_op's result for one op of the loaded shape."""
+        return self._ask({"cmd": "time", "layout": layout, "op": op, "timing": timing})
+
+    def close(self):
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait()
 
 
 def torch_view(array, layout):
@@ -90,33 +126,25 @@ def torch_ops(arrays, layout):
 
 
 def main():
-    request = json.load(sys.stdin)
     try:
         import torch
     except ImportError:
         sys.exit(3)
-    torch.set_num_threads(request["threads"])
-    cells = [(tuple(s), layout, op) for s in request["shapes"] for layout in request["layouts"]
-             for op in request["ops"]]
-    terminal = stderr_is_terminal()
-    results = []
-    problem, ops = {}, {}
-    for index, (shape, layout, op) in enumerate(cells, 1):
-        if shape not in problem:
-            problem.clear()  # release the previous arrays before filling the next ones
-            ops.clear()
-            problem[shape] = make_problem(shape, request["dtype"], request["seed"])
-        if layout not in ops:
-            ops[layout] = torch_ops(problem[shape][layout], layout)
-        timing = time_op(ops[layout][op], **request["timing"])
-        label = f"torch  [{index:>3}/{len(cells)}] {op:<13} {layout} {shape_label(shape)}"
-        print(("\r" if terminal else "") + f"{label:<60} {timing['median_s'] * 1e3:9.3f} ms",
-              end="" if terminal else "\n", file=sys.stderr, flush=True)
-        results.append({"shape": list(shape), "layout": layout, "op": op, **timing})
-    if terminal:
-        print(file=sys.stderr)
-    json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "results": results}, sys.stdout)
+    settings, problem, ops = {}, None, {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "hello":
+            settings = request
+            torch.set_num_threads(request["threads"])
+            reply = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        elif request["cmd"] == "load":
+            problem = ops = None  # release the previous arrays before filling the next ones
+            problem = make_problem(tuple(request["shape"]), settings["dtype"], settings["seed"])
+            ops = {layout: torch_ops(problem[layout], layout) for layout in problem}
+            reply = {}
+        else:
+            reply = time_op(ops[request["layout"]][request["op"]], **request["timing"])
+        print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":
