@@ -198,7 +198,7 @@ def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, group, ch
     n_batch, n_channels, length = x.shape
     n_chunks = (length + chunk - 1) // chunk
     items_per_channel = ((n_batch + group - 1) // group) * n_chunks
-    eval_coefficients(0, coef.shape[1], running_mean, running_var, weight, bias, eps, coef)
+    eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     for item in prange(n_channels * items_per_channel):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)

@@ -139,7 +139,7 @@ def train_forward_nchw_short(x, weight, bias, eps, momentum, update, running_mea
 def eval_forward_nchw_short(x, running_mean, running_var, weight, bias, eps, sample_block,
                             channel_block, coef, y):
     n_batch, n_channels, length = x.shape
-    eval_coefficients(0, coef.shape[1], running_mean, running_var, weight, bias, eps, coef)
+    eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
         affine_item(x, y, n0, n1, c0, c1, coef)

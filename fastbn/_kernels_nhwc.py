@@ -39,42 +39,6 @@ def grouped(flat, start, end, width):
 
 
 @helper
-def accumulate_row(row, shift, sum_d, sum_d2):
-    for k in range(shift.shape[0]):
-        d = np.float64(row[k]) - shift[k]
-        sum_d[k] += d
-        sum_d2[k] += d * d
-
-
-@helper
-def accumulate_four_rows(row0, row1, row2, row3, shift, sum_d, sum_d2):
-    """accumulate_row on four rows in turn, with the same additions in the same order (so the
-    same bits), but the accumulators are loaded and stored once per four rows: the stores, not
-    the arithmetic, bound the one-row loop."""
-    for k in range(shift.shape[0]):
-        h = shift[k]
-        d0 = np.float64(row0[k]) - h
-        d1 = np.float64(row1[k]) - h
-        d2 = np.float64(row2[k]) - h
-        d3 = np.float64(row3[k]) - h
-        sum_d[k] = (((sum_d[k] + d0) + d1) + d2) + d3
-        sum_d2[k] = (((sum_d2[k] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
-
-
-@helper
-def moment_sums_of_rows(rows, r0, r1, c0, c1, shift, sum_d, sum_d2):
-    """Add d = x - shift and d**2 of rows[r0:r1, c0:c1] to the lane sums (lane k holds column
-    c0 + k). Rows are taken one at a time as 1-D contiguous slices: a 2-D slice of columns
-    would have a runtime inner stride, which stops vectorization."""
-    full = r0 + (r1 - r0) // 4 * 4
-    for r in range(r0, full, 4):
-        accumulate_four_rows(rows[r][c0:c1], rows[r + 1][c0:c1], rows[r + 2][c0:c1],
-                             rows[r + 3][c0:c1], shift, sum_d, sum_d2)
-    for r in range(full, r1):
-        accumulate_row(rows[r][c0:c1], shift, sum_d, sum_d2)
-
-
-@helper
 def block_moments(xf, n_channels, start, end, partial):
     """Per-channel (mean, M2) of one block of rows, written to partial[0, :C], partial[1, :C].
 
@@ -94,7 +58,25 @@ def block_moments(xf, n_channels, start, end, partial):
         first = finite_or_zero(np.float64(xf[start + c]))
         for q in range(reps):
             shift[q * n_channels + c] = first
-    moment_sums_of_rows(body, 0, body.shape[0], 0, width, shift, sum_d, sum_d2)
+    # Four rows per step, with the additions of a one-row loop in the same order (so the same
+    # bits): the accumulators are loaded and stored once per four rows, and those stores, not
+    # the arithmetic, bound the one-row loop.
+    n_groups = body.shape[0]
+    full = n_groups - n_groups % 4
+    for g in range(0, full, 4):
+        for k in range(width):
+            h = shift[k]
+            d0 = np.float64(body[g, k]) - h
+            d1 = np.float64(body[g + 1, k]) - h
+            d2 = np.float64(body[g + 2, k]) - h
+            d3 = np.float64(body[g + 3, k]) - h
+            sum_d[k] = (((sum_d[k] + d0) + d1) + d2) + d3
+            sum_d2[k] = (((sum_d2[k] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
+    for g in range(full, n_groups):
+        for k in range(width):
+            d = np.float64(body[g, k]) - shift[k]
+            sum_d[k] += d
+            sum_d2[k] += d * d
     for c in range(n_channels):
         total_d = 0.0
         total_d2 = 0.0
@@ -113,34 +95,14 @@ def tile_lanes(coef, coef_lanes, n_channels):
 
 
 @helper
-def affine_rows(x_rows, y_rows, r0, r1, c0, c1, shift, alpha, beta):
-    """y = (x - shift) * alpha + beta over rows[r0:r1, c0:c1], coefficients per lane."""
-    for r in range(r0, r1):
-        x_row = x_rows[r][c0:c1]
-        y_row = y_rows[r][c0:c1]
-        for k in range(shift.shape[0]):
-            y_row[k] = (x_row[k] - shift[k]) * alpha[k] + beta[k]
-
-
-@helper
 def affine_block(xf, yf, start, end, coef_lanes):
     width = coef_lanes.shape[1]
     x_body = grouped(xf, start, end, width)
     y_body = grouped(yf, start, end, width)
-    affine_rows(x_body, y_body, 0, x_body.shape[0], 0, width, coef_lanes[0], coef_lanes[1],
-                coef_lanes[2])
-
-
-@helper
-def grad_sums_of_rows(dy_rows, x_rows, r0, r1, c0, c1, shift, sum_dy, sum_dy_dev):
-    """Add dy and dy * (x - shift) of rows[r0:r1, c0:c1] to the lane sums."""
-    for r in range(r0, r1):
-        dy_row = dy_rows[r][c0:c1]
-        x_row = x_rows[r][c0:c1]
-        for k in range(shift.shape[0]):
-            grad = np.float64(dy_row[k])
-            sum_dy[k] += grad
-            sum_dy_dev[k] += grad * np.float64(x_row[k] - shift[k])
+    shift, alpha, beta = coef_lanes[0], coef_lanes[1], coef_lanes[2]
+    for g in range(x_body.shape[0]):
+        for k in range(width):
+            y_body[g, k] = (x_body[g, k] - shift[k]) * alpha[k] + beta[k]
 
 
 @helper
@@ -150,20 +112,24 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, lanes):
     width = coef_lanes.shape[1]
     dy_body = grouped(dyf, start, end, width)
     x_body = grouped(xf, start, end, width)
+    shift = coef_lanes[0]
     sum_dy = np.zeros(width)
     sum_dy_dev = np.zeros(width)
-    grad_sums_of_rows(dy_body, x_body, 0, x_body.shape[0], 0, width, coef_lanes[0], sum_dy,
-                      sum_dy_dev)
+    for g in range(x_body.shape[0]):
+        for k in range(width):
+            grad = np.float64(dy_body[g, k])
+            sum_dy[k] += grad
+            sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift[k])
     lanes[0, :] = sum_dy
     lanes[1, :] = sum_dy_dev
 
 
 @helper
-def fold_block_lanes(ws, n_channels, c0, c1):
-    """For channels [c0, c1): the totals of lane rows 0 and 1 over all blocks, in a fixed order,
-    left in ws[0, 0, c] and ws[0, 1, c] (no later channel reads those two lanes)."""
+def fold_block_lanes(ws, n_channels):
+    """Channel c's totals of lane rows 0 and 1 over all blocks, in a fixed order, left in
+    ws[0, 0, c] and ws[0, 1, c] (no later channel reads those two lanes)."""
     reps = ws.shape[2] // n_channels
-    for c in range(c0, c1):
+    for c in range(n_channels):
         total_a = 0.0
         total_b = 0.0
         for b in range(ws.shape[0]):
@@ -209,22 +175,11 @@ def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, e
                       coef, coef_lanes, yf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = (n_rows + block_rows - 1) // block_rows
-    eval_coefficients(0, coef.shape[1], running_mean, running_var, weight, bias, eps, coef)
+    eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         affine_block(xf, yf, start, end, coef_lanes)
-
-
-@helper
-def grad_input_rows(dy_rows, x_rows, dx_rows, r0, r1, c0, c1, shift, k_dy, k_x, k_0):
-    """dx = dy * k_dy + (x - shift) * k_x + k_0 over rows[r0:r1, c0:c1]."""
-    for r in range(r0, r1):
-        dy_row = dy_rows[r][c0:c1]
-        x_row = x_rows[r][c0:c1]
-        dx_row = dx_rows[r][c0:c1]
-        for k in range(shift.shape[0]):
-            dx_row[k] = dy_row[k] * k_dy[k] + (x_row[k] - shift[k]) * k_x[k] + k_0[k]
 
 
 @helper
@@ -233,8 +188,10 @@ def grad_input_block(dyf, xf, dxf, start, end, coef_lanes):
     dy_body = grouped(dyf, start, end, width)
     x_body = grouped(xf, start, end, width)
     dx_body = grouped(dxf, start, end, width)
-    grad_input_rows(dy_body, x_body, dx_body, 0, x_body.shape[0], 0, width, coef_lanes[0],
-                    coef_lanes[1], coef_lanes[2], coef_lanes[3])
+    shift, k_dy, k_x, k_0 = coef_lanes[0], coef_lanes[1], coef_lanes[2], coef_lanes[3]
+    for g in range(x_body.shape[0]):
+        for k in range(width):
+            dx_body[g, k] = dy_body[g, k] * k_dy[k] + (x_body[g, k] - shift[k]) * k_x[k] + k_0[k]
 
 
 @parallel_kernel
@@ -249,7 +206,7 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, blo
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         grad_sums_block(dyf, xf, start, end, coef_lanes, ws[b])
-    fold_block_lanes(ws, n_channels, 0, n_channels)
+    fold_block_lanes(ws, n_channels)
     finish_grads(0, n_channels, count, ws[0, 0], ws[0, 1], save_mean, save_invstd, weight,
                  grad_weight, grad_bias, coef)
     tile_lanes(coef, coef_lanes, n_channels)
@@ -290,7 +247,7 @@ def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, block_rows, ws
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
         eval_grad_block(dyf, xf, dxf, start, end, coef_lanes[:2], ws[b])
-    fold_block_lanes(ws, n_channels, 0, n_channels)
+    fold_block_lanes(ws, n_channels)
     for c in range(n_channels):
         sum_dy = ws[0, 0, c]
         grad_weight[c] = (ws[0, 1, c] - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]

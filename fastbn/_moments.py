@@ -175,10 +175,9 @@ def finish_batch_stats(c0, c1, count, means, m2s, eps, momentum, update, running
 
 
 @helper
-def eval_coefficients(c0, c1, running_mean, running_var, weight, bias, eps, coef):
-    """coef[:, c] = (shift, alpha, beta) for channels [c0, c1) from the running statistics, as
-    in finish_batch_stats."""
-    for c in range(c0, c1):
+def eval_coefficients(running_mean, running_var, weight, bias, eps, coef):
+    """coef[:, c] = (shift, alpha, beta) from the running statistics, as in finish_batch_stats."""
+    for c in range(coef.shape[1]):
         mean = np.float64(running_mean[c])
         alpha = np.float64(weight[c]) * inverse_std(np.float64(running_var[c]), eps)
         coef[0, c] = mean
