@@ -141,18 +141,22 @@ def forward_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5,
 
 # ----------------------------------------------------------------------------- backward
 
+def _backward_inputs(dy, x, weight, channels_last):
+    """x and dy channels-first in float64, their rank, the reduced axes, and weight (ones when
+    None) in float64."""
+    xc = channels_first(x, channels_last)
+    dyc = channels_first(dy, channels_last)
+    weight = np.ones(xc.shape[1]) if weight is None else np.asarray(weight, np.float64)
+    return xc, dyc, xc.ndim, _reduce_axes(xc.ndim), weight
+
+
 def backward_train(dy, x, weight=None, eps=1e-5, channels_last=False):
     """(dx, grad_weight, grad_bias) through the batch statistics.
 
     With xhat = (x - mean) * invstd and n values per channel,
     dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
     """
-    xc = channels_first(x, channels_last)
-    dyc = channels_first(dy, channels_last)
-    nd = xc.ndim
-    axes = _reduce_axes(nd)
-    n_channels = xc.shape[1]
-    weight = np.ones(n_channels) if weight is None else np.asarray(weight, np.float64)
+    xc, dyc, nd, axes, weight = _backward_inputs(dy, x, weight, channels_last)
     mean, var, _ = batch_mean_var(x, channels_last)
     invstd = inverse_std(var, eps)
     xhat = (xc - _per_channel(mean, nd)) * _per_channel(invstd, nd)
@@ -166,12 +170,7 @@ def backward_train(dy, x, weight=None, eps=1e-5, channels_last=False):
 
 def backward_eval(dy, x, running_mean, running_var, weight=None, eps=1e-5, channels_last=False):
     """(dx, grad_weight, grad_bias) of the fixed affine map that eval mode applies."""
-    xc = channels_first(x, channels_last)
-    dyc = channels_first(dy, channels_last)
-    nd = xc.ndim
-    axes = _reduce_axes(nd)
-    n_channels = xc.shape[1]
-    weight = np.ones(n_channels) if weight is None else np.asarray(weight, np.float64)
+    xc, dyc, nd, axes, weight = _backward_inputs(dy, x, weight, channels_last)
     invstd = inverse_std(running_var, eps)
     xhat = (xc - _per_channel(running_mean, nd)) * _per_channel(invstd, nd)
     dx = dyc * _per_channel(weight * invstd, nd)
