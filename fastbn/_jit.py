@@ -39,6 +39,12 @@ FASTMATH = False
 # own, so the serial and parallel twins call the same code and agree to the bit.
 REDUCTION_FASTMATH = {"reassoc"}
 
+# Division by zero gives inf or NaN, as in NumPy, instead of raising: Python's error model
+# guards every float division with a branch that keeps LLVM from vectorizing the per-channel
+# loops (sqrt and divide over 1024 channels took 4 us scalar, 1.4 us vectorized). No kernel
+# divides by a value that can be zero for validated input, so no result changes.
+ERROR_MODEL = "numpy"
+
 # Below this many elements a parallel-region launch costs more than the work itself.
 SERIAL_BELOW_ELEMENTS = 1 << 15
 
@@ -82,7 +88,7 @@ class _SourceKeyedCache(FunctionCache):
 
 
 def _cached_njit(py_func, **options):
-    dispatcher = njit(**options)(py_func)
+    dispatcher = njit(error_model=ERROR_MODEL, **options)(py_func)
     dispatcher._cache = _SourceKeyedCache(py_func)
     return dispatcher
 
@@ -128,7 +134,7 @@ def reduction(py_func):
     """Decorator for a hot 1-D reduction loop: compiled as a function of its own (never inlined
     at Numba IR level) with reassociation allowed, so that every kernel twin runs the same
     vectorized code. It must only reorder sums; nnan/ninf stay off."""
-    return njit(nogil=True, fastmath=REDUCTION_FASTMATH)(py_func)
+    return njit(nogil=True, fastmath=REDUCTION_FASTMATH, error_model=ERROR_MODEL)(py_func)
 
 
 def parallel_kernel(py_func):
@@ -144,7 +150,7 @@ def helper(py_func):
     kernel's cold-start compile time. Inlined code takes the kernel's fast-math flags, which
     never include nnan/ninf, so the helpers' inf and NaN tests keep their meaning.
     """
-    return njit(nogil=True, fastmath=FASTMATH, inline="always")(py_func)
+    return njit(nogil=True, fastmath=FASTMATH, error_model=ERROR_MODEL, inline="always")(py_func)
 
 
 
