@@ -39,8 +39,9 @@ def grouped(flat, start, end, width):
 
 
 @helper
-def block_moments(xf, n_channels, start, end, partial):
-    """Per-channel (mean, M2) of one block of rows, written to partial[0, :C], partial[1, :C].
+def block_moments(xf, n_channels, start, end, interleave, partial):
+    """Per-channel (mean, M2) of one block of rows, written to partial[0, :C], partial[1, :C];
+    with interleave, four lane groups per step (see Plan.interleave_rows).
 
     The lane accumulators are local arrays rather than rows of the workspace: LLVM cannot
     prove that rows of one array never alias, and would not vectorize the update.
@@ -62,7 +63,7 @@ def block_moments(xf, n_channels, start, end, partial):
     # bits): the accumulators are loaded and stored once per four rows, and those stores, not
     # the arithmetic, bound the one-row loop.
     n_groups = body.shape[0]
-    full = n_groups - n_groups % 4
+    full = n_groups - n_groups % 4 if interleave else 0
     for g in range(0, full, 4):
         for k in range(width):
             h = shift[k]
@@ -141,12 +142,12 @@ def fold_block_lanes(ws, n_channels):
 
 
 @parallel_kernel
-def moments_nhwc(xf, n_channels, block_rows, ws, count, mean, m2):
+def moments_nhwc(xf, n_channels, block_rows, interleave, ws, count, mean, m2):
     """Per-channel (count, mean, M2) of x: the partials a cross-process merge exchanges."""
     n_rows = xf.shape[0] // n_channels
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        block_moments(xf, n_channels, start, end, ws[b])
+        block_moments(xf, n_channels, start, end, interleave, ws[b])
     total = merge_parts(ws, n_channels, block_rows, n_rows, 1)
     for c in range(n_channels):
         count[c], mean[c], m2[c] = total, ws[0, 0, c], ws[0, 1, c]
@@ -154,12 +155,13 @@ def moments_nhwc(xf, n_channels, block_rows, ws, count, mean, m2):
 
 @parallel_kernel
 def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, running_mean,
-                       running_var, block_rows, ws, save_mean, save_invstd, coef, coef_lanes, yf):
+                       running_var, block_rows, interleave, ws, save_mean, save_invstd, coef,
+                       coef_lanes, yf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = ws.shape[0]
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        block_moments(xf, n_channels, start, end, ws[b])
+        block_moments(xf, n_channels, start, end, interleave, ws[b])
     # Serial on purpose: the merges cost less than another parallel region.
     count = merge_parts(ws, n_channels, block_rows, n_rows, 1)
     finish_batch_stats(0, n_channels, count, ws[0, 0], ws[0, 1], eps, momentum, update,

@@ -122,8 +122,8 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
     else:
         rows.train_forward_nhwc.select(x.size)(
             plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
-            running_var, plan.block_rows, ws.lanes, save_mean, save_invstd, ws.coef,
-            ws.coef_lanes, plan.view(y))
+            running_var, plan.block_rows, plan.interleave_rows(x.itemsize), ws.lanes, save_mean,
+            save_invstd, ws.coef, ws.coef_lanes, plan.view(y))
     return y, save_mean, save_invstd
 
 
@@ -264,8 +264,9 @@ def channel_moments(x, *, channels_last=False):
         planes.moments_nchw.select(x.size)(plan.view(x), plan.group, plan.chunk, ws.part_a,
                                            ws.part_b, count, mean, m2)
     else:
-        rows.moments_nhwc.select(x.size)(plan.view(x), n_channels, plan.block_rows, ws.lanes,
-                                         count, mean, m2)
+        rows.moments_nhwc.select(x.size)(plan.view(x), n_channels, plan.block_rows,
+                                         plan.interleave_rows(x.itemsize), ws.lanes, count, mean,
+                                         m2)
     return count, mean, m2
 
 
