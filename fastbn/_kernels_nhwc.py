@@ -107,16 +107,30 @@ def affine_block(xf, yf, start, end, coef_lanes):
 
 
 @helper
-def grad_sums_block(dyf, xf, start, end, coef_lanes, lanes):
+def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes):
     """Lane sums of dy and dy * (x - shift) into lanes[0] and lanes[1] (local accumulators,
-    as in block_moments)."""
+    as in block_moments; with interleave, four lane groups per step in the same order)."""
     width = coef_lanes.shape[1]
     dy_body = grouped(dyf, start, end, width)
     x_body = grouped(xf, start, end, width)
     shift = coef_lanes[0]
     sum_dy = np.zeros(width)
     sum_dy_dev = np.zeros(width)
-    for g in range(x_body.shape[0]):
+    n_groups = x_body.shape[0]
+    full = n_groups - n_groups % 4 if interleave else 0
+    for g in range(0, full, 4):
+        for k in range(width):
+            h = shift[k]
+            g0 = np.float64(dy_body[g, k])
+            g1 = np.float64(dy_body[g + 1, k])
+            g2 = np.float64(dy_body[g + 2, k])
+            g3 = np.float64(dy_body[g + 3, k])
+            sum_dy[k] = (((sum_dy[k] + g0) + g1) + g2) + g3
+            sum_dy_dev[k] = ((((sum_dy_dev[k] + g0 * np.float64(x_body[g, k] - h))
+                               + g1 * np.float64(x_body[g + 1, k] - h))
+                              + g2 * np.float64(x_body[g + 2, k] - h))
+                             + g3 * np.float64(x_body[g + 3, k] - h))
+    for g in range(full, n_groups):
         for k in range(width):
             grad = np.float64(dy_body[g, k])
             sum_dy[k] += grad
@@ -197,8 +211,8 @@ def grad_input_block(dyf, xf, dxf, start, end, coef_lanes):
 
 
 @parallel_kernel
-def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, block_rows, ws, coef,
-                        coef_lanes, grad_weight, grad_bias, dxf):
+def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, block_rows,
+                        interleave, ws, coef, coef_lanes, grad_weight, grad_bias, dxf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = ws.shape[0]
     count = np.float64(n_rows)
@@ -207,7 +221,7 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, blo
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_sums_block(dyf, xf, start, end, coef_lanes, ws[b])
+        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b])
     fold_block_lanes(ws, n_channels)
     finish_grads(0, n_channels, count, ws[0, 0], ws[0, 1], save_mean, save_invstd, weight,
                  grad_weight, grad_bias, coef)

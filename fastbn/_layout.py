@@ -81,20 +81,25 @@ class Plan:
             self.n_blocks = max(1, -(-self.n_rows // self.block_rows))
         self.key = (self.kind, n_batch, n_channels, length)
 
-    def interleave_rows(self, itemsize):
-        """Whether the row kernels' moment sums take four lane groups per step.
+    def interleave_rows(self, itemsize, n_inputs=1):
+        """Whether a row kernel's lane sums over n_inputs arrays take four lane groups per step.
 
         Four per step load and store the float64 lane accumulators once instead of four times,
-        which is 1.3-1.7x faster wherever the data comes from cache. Streaming from memory,
-        though, four groups of 512 B to 2 KB read four interleaved streams within each 4 KB
-        page, and the hardware prefetcher follows that badly: on the reference machine (AMD
-        EPYC, AVX-512) one group per step, in memory order, was 1.3-2x faster there. Groups of
-        256 B or less, or 4 KB or more, were faster four at a time in both cases. The additions
-        happen in the same order either way, so this choice never changes a result.
+        which is 1.3-1.7x faster wherever the inputs come from cache. Streaming from memory,
+        four groups per step read four interleaved streams per input, which the hardware
+        prefetcher follows badly. On the reference machine (AMD EPYC, AVX-512), one group per
+        step, in memory order, was 1.3-2x faster there for groups of 512 B to 2 KB (four groups
+        share each 4 KB page), and for every group size once two inputs are read (the
+        backward's dy and x). With one input, groups of 256 B or less, or of 4 KB or more,
+        stayed faster four at a time. The additions happen in the same order either way, so
+        this choice never changes a result.
         """
+        if n_inputs * self.n_rows * self.n_channels * itemsize < STREAMED_BYTES:
+            return True
+        if n_inputs > 1:
+            return False
         group_bytes = self.width * itemsize
-        streamed = self.n_rows * self.n_channels * itemsize >= STREAMED_BYTES
-        return not (streamed and 256 < group_bytes < 4096)
+        return group_bytes <= 256 or group_bytes >= 4096
 
     def view(self, x):
         """The kernel view of a C-contiguous x."""

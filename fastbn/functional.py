@@ -231,10 +231,15 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
         kernel(plan.view(dy), plan.view(x), mean, invstd, weight, plan.group, plan.chunk,
                ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, plan.view(dx))
     else:
-        pair = rows.train_backward_nhwc if training else rows.eval_backward_nhwc
-        pair.select(x.size)(plan.view(dy), plan.view(x), n_channels, mean, invstd, weight,
-                            plan.block_rows, ws.lanes, ws.coef, ws.coef_lanes, grad_weight,
-                            grad_bias, plan.view(dx))
+        if training:
+            rows.train_backward_nhwc.select(x.size)(
+                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, plan.block_rows,
+                plan.interleave_rows(x.itemsize, n_inputs=2), ws.lanes, ws.coef, ws.coef_lanes,
+                grad_weight, grad_bias, plan.view(dx))
+        else:
+            rows.eval_backward_nhwc.select(x.size)(
+                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, plan.block_rows,
+                ws.lanes, ws.coef, ws.coef_lanes, grad_weight, grad_bias, plan.view(dx))
     return dx, grad_weight, grad_bias
 
 

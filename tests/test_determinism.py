@@ -116,14 +116,15 @@ def test_by_channel_and_by_block_schedules_give_the_same_bits(shape, dtype, monk
                          ids=shape_id)
 def test_row_kernels_give_the_same_bits_one_or_four_lane_groups_per_step(shape, dtype,
                                                                          monkeypatch):
-    """Channels-last moment sums take one or four lane groups per step, chosen for speed alone
-    (Plan.interleave_rows); both must add in the same order. The shapes leave 1-3 groups over
-    after the last full step of four, and (6, 3, 9, 10) has several groups per row."""
+    """Channels-last lane sums (the forward's moments, the backward's gradient sums) take one
+    or four lane groups per step, chosen for speed alone (Plan.interleave_rows); both must add
+    in the same order. The shapes leave 1-3 groups over after the last full step of four, and
+    (6, 3, 9, 10) has several groups per row."""
     args = case(shape, dtype, True, "interleave")
     asked = []
 
     def interleave(value):
-        def choose(plan, itemsize):
+        def choose(plan, itemsize, n_inputs=1):
             asked.append(value)
             return value
         return choose
@@ -132,21 +133,27 @@ def test_row_kernels_give_the_same_bits_one_or_four_lane_groups_per_step(shape, 
     four = run_everything(*args, True)
     monkeypatch.setattr(fastbn._layout.Plan, "interleave_rows", interleave(False))
     one = run_everything(*args, True)
-    assert asked.count(True) >= 2 and asked.count(False) >= 2  # forward and channel_moments
+    # forward, training backward and channel_moments
+    assert asked.count(True) >= 3 and asked.count(False) >= 3
     assert_identical(four, one, "four vs one lane group per step")
 
 
-@pytest.mark.parametrize("shape, itemsize, interleave", [
-    ((256, 7, 7, 512), 4, False),    # 2 KB groups, 25.7 MB: one group per step
-    ((32, 56, 56, 64), 8, False),    # 512 B groups, 51 MB
-    ((32, 56, 56, 64), 4, True),     # 256 B groups
-    ((16, 28, 28, 1024), 4, True),   # 4 KB groups
-    ((8, 7, 7, 512), 4, True),       # 0.8 MB: stays in cache
-    ((64, 112, 112, 3), 4, True),    # C = 3: 24-lane groups
+@pytest.mark.parametrize("shape, itemsize, n_inputs, interleave", [
+    ((256, 7, 7, 512), 4, 1, False),    # 2 KB groups, 25.7 MB: one group per step
+    ((32, 56, 56, 64), 8, 1, False),    # 512 B groups, 51 MB
+    ((32, 56, 56, 64), 4, 1, True),     # 256 B groups
+    ((16, 28, 28, 1024), 4, 1, True),   # 4 KB groups
+    ((8, 7, 7, 512), 4, 1, True),       # 0.8 MB: stays in cache
+    ((64, 112, 112, 3), 4, 1, True),    # C = 3: 24-lane groups
+    ((32, 56, 56, 64), 4, 2, False),    # dy and x, 51 MB: one group per step at any size
+    ((16, 28, 28, 1024), 4, 2, False),
+    ((8, 224, 224, 3), 4, 2, True),     # 9.6 MB in all: stays in cache
+    ((128, 1024), 4, 2, True),
 ])
-def test_interleaving_is_chosen_by_group_bytes_and_tensor_size(shape, itemsize, interleave):
+def test_interleaving_is_chosen_by_group_bytes_and_bytes_read(shape, itemsize, n_inputs,
+                                                               interleave):
     plan = fastbn._layout.plan_for(shape, True)
-    assert plan.interleave_rows(itemsize) is interleave
+    assert plan.interleave_rows(itemsize, n_inputs) is interleave
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 9, 16500), (37, 5), LARGE_SHAPES[0],
