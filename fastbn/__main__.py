@@ -3,7 +3,7 @@
 The machine's read+write bandwidth is sampled before every shape, in the same run, so every
 time is also quoted as a fraction of the bound P * bytes / bandwidth. NumPy runs in this
 process; torch runs in a worker process with the same thread count, asked for each cell right
-after fastbn's (see fastbn/_bench_torch.py). Progress goes to
+after fastbn's (see fastbn/report/torch_peer.py). Progress goes to
 stderr and the table to stdout, so ``python -m fastbn > report.md`` keeps just the report.
 """
 
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from . import _report as R
+from .report import timing as R
 
 # time_op settings. The default run stays under 3 minutes on 2 cores, the largest shape
 # included: NumPy on it costs ~0.2-0.5 s a call, so its repeats are few.
@@ -219,9 +219,9 @@ def summary_lines(summary):
 def main(argv=None):
     import numba
 
-    from ._bench_plot import matplotlib_or_none, write_plot
-    from ._bench_torch import TorchPeer
-    from ._jit import num_threads
+    from .report.plot import matplotlib_or_none, write_plot
+    from .report.torch_peer import TorchPeer
+    from .kernels.jit import num_threads
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args = parse_args(argv)

@@ -15,7 +15,7 @@ import numpy as np
 
 # Values per work item. Each item is reduced in one pass, so the size only trades the cost of
 # merging items (done serially, per channel) against load balance and the shifted-sum error
-# bound of about n * 1e-16 for n values of a channel per item (see _moments).
+# bound of about n * 1e-16 for n values of a channel per item (see kernels/moments.py).
 ITEM_VALUES = 16384
 ROW_BLOCK_VALUES = 65536
 # Lanes per row-kernel vector step: a multiple of 8 keeps AVX2 registers full for any C.

@@ -11,9 +11,9 @@ Statistics are float64 for float32 and float64 input alike. Saved statistics (``
 import numba
 import numpy as np
 
-from . import _kernels_nchw as planes
-from . import _kernels_nchw_short as short
-from . import _kernels_nhwc as rows
+from .kernels import nchw as planes
+from .kernels import nchw_short as short
+from .kernels import nhwc as rows
 from ._layout import plan_for, workspace_for
 from ._validate import (as_float_array, channel_vector, check_batch_size, check_channels,
                         check_eps, check_momentum, check_no_overlap, checked_output,

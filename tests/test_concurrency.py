@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _jit
+from fastbn.kernels import jit as _jit
 
 # >= 32768 elements, so the parallel kernel twins run (smaller inputs use the serial ones).
 BIG_SHAPE = (8, 6, 32, 28)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastbn
-import fastbn._jit
+import fastbn.kernels.jit
 import fastbn._layout
 import fastbn.functional
 import reference as ref
@@ -62,10 +62,10 @@ def assert_identical(first, second, what):
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=shape_id)
 def test_one_and_two_threads_give_the_same_bits(shape, dtype, channels_last):
     args = case(shape, dtype, channels_last, "threads")
-    assert args[0].size >= fastbn._jit.SERIAL_BELOW_ELEMENTS  # the parallel twins run
-    with fastbn._jit.num_threads(1):
+    assert args[0].size >= fastbn.kernels.jit.SERIAL_BELOW_ELEMENTS  # the parallel twins run
+    with fastbn.kernels.jit.num_threads(1):
         one = run_everything(*args, channels_last)
-    with fastbn._jit.num_threads(2):
+    with fastbn.kernels.jit.num_threads(2):
         two = run_everything(*args, channels_last)
     assert_identical(one, two, "1 vs 2 threads")
     # And the bits are right, not only repeatable.
@@ -76,11 +76,11 @@ def test_one_and_two_threads_give_the_same_bits(shape, dtype, channels_last):
 @needs_two_threads
 def test_num_threads_restores_the_previous_count():
     before = numba.get_num_threads()
-    with fastbn._jit.num_threads(1):
+    with fastbn.kernels.jit.num_threads(1):
         assert numba.get_num_threads() == 1
     assert numba.get_num_threads() == before
     with pytest.raises(RuntimeError, match="inside"):
-        with fastbn._jit.num_threads(2):
+        with fastbn.kernels.jit.num_threads(2):
             assert numba.get_num_threads() == 2
             raise RuntimeError("inside")
     assert numba.get_num_threads() == before
@@ -94,7 +94,7 @@ def test_by_channel_and_by_block_schedules_give_the_same_bits(shape, dtype, monk
     cuts each plane into two runs of the 16384-value item partition, so partials merge across
     runs too."""
     args = case(shape, dtype, False, "schedule")
-    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0)
+    monkeypatch.setattr(fastbn.kernels.jit, "SERIAL_BELOW_ELEMENTS", 0)
     asked = []
 
     def schedule(by_channel):
@@ -161,21 +161,21 @@ def test_interleaving_is_chosen_by_group_bytes_and_bytes_read(shape, itemsize, n
 def test_serial_and_parallel_twins_give_the_same_bits(shape, dtype, channels_last,
                                                       monkeypatch):
     args = case(shape, dtype, channels_last, "twins")
-    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 1 << 62)
+    monkeypatch.setattr(fastbn.kernels.jit, "SERIAL_BELOW_ELEMENTS", 1 << 62)
     serial = run_everything(*args, channels_last)
-    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0)
+    monkeypatch.setattr(fastbn.kernels.jit, "SERIAL_BELOW_ELEMENTS", 0)
     parallel = run_everything(*args, channels_last)
     assert_identical(serial, parallel, "serial vs parallel")
 
 
 def test_twin_selection_follows_the_threshold(monkeypatch):
     """Guard for the monkeypatching above: select() reads SERIAL_BELOW_ELEMENTS per call."""
-    pair = fastbn._jit.KernelPair.__new__(fastbn._jit.KernelPair)
+    pair = fastbn.kernels.jit.KernelPair.__new__(fastbn.kernels.jit.KernelPair)
     pair.parallel, pair.serial = "parallel", "serial"
-    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 100)
+    monkeypatch.setattr(fastbn.kernels.jit, "SERIAL_BELOW_ELEMENTS", 100)
     assert pair.select(99) == "serial"
     assert pair.select(100) == "parallel"
-    monkeypatch.setattr(fastbn._jit, "SERIAL_BELOW_ELEMENTS", 0)
+    monkeypatch.setattr(fastbn.kernels.jit, "SERIAL_BELOW_ELEMENTS", 0)
     assert pair.select(1) == "parallel"
 
 
@@ -198,7 +198,7 @@ def test_module_training_is_reproducible_across_thread_counts(channels_last):
     for threads in (1, 2):
         module = MODULE_FOR_RANK[len(shape)](shape[1], channels_last=channels_last)
         rng = np.random.default_rng(20240611)
-        with fastbn._jit.num_threads(threads):
+        with fastbn.kernels.jit.num_threads(threads):
             for _ in range(3):
                 y = module(make_input(rng, shape, np.float32, channels_last))
             dx = module.backward(make_input(rng, shape, np.float32, channels_last))

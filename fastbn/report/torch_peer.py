@@ -1,14 +1,14 @@
 """The PyTorch peer of the roofline report, timed in a process of its own.
 
 torch's OpenMP pool and Numba's would fight over the same cores if both ran in one process, so
-the report starts ``python -m fastbn._bench_torch`` once and asks it for one timing at a time,
+the report starts ``python -m fastbn.report.torch_peer`` once and asks it for one timing at a time,
 as JSON lines on stdin and stdout: each torch cell is timed right after the same fastbn cell.
 The machine's bandwidth drifts by tens of percent within minutes, so timing the two within a
 second of each other keeps the ratio honest where two separate sweeps would not. The parent
 waits on the pipe while the worker runs (and the worker while the parent runs), so the two
 never compete for the cores. Progress goes to stderr, shared with the parent.
 
-What is timed, per op, on the same values fastbn sees (built by ``_report.make_problem``):
+What is timed, per op, on the same values fastbn sees (built by ``timing.make_problem``):
 - train_forward: ``F.batch_norm(..., training=True)`` under ``torch.no_grad()``, updating the
   running statistics like fastbn does.
 - eval_forward: ``F.batch_norm(..., training=False)`` under ``torch.no_grad()``.
@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from ._report import EPS, MOMENTUM, make_problem, time_op
+from .timing import EPS, MOMENTUM, make_problem, time_op
 
 
 class TorchPeer:
@@ -44,7 +44,7 @@ class TorchPeer:
     def start(cls, dtype, threads, seed=0):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "fastbn._bench_torch"],
+            proc = subprocess.Popen([sys.executable, "-m", "fastbn.report.torch_peer"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                     env=env)
         except OSError as exc:

@@ -64,9 +64,8 @@ if hasattr(os, "register_at_fork"):
 
 # Kernels inline helpers from other modules, but Numba invalidates a cached kernel only when
 # the kernel's own file changes. Keying every kernel's cache entry on all of these sources too
-# means an edited helper can never be served from a stale cache.
-_KERNEL_SOURCES = ("_jit.py", "_moments.py", "_kernels_nchw.py", "_kernels_nchw_short.py",
-                   "_kernels_nhwc.py")
+# means an edited helper can never be served from a stale cache. Every module of this package
+# counts, so a kernel module added later is covered without being listed.
 _source_digest = None
 
 
@@ -75,7 +74,7 @@ def _kernel_source_digest():
     if _source_digest is None:
         digest = hashlib.sha256()
         here = os.path.dirname(os.path.abspath(__file__))
-        for name in _KERNEL_SOURCES:
+        for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
             with open(os.path.join(here, name), "rb") as source:
                 digest.update(source.read())
         _source_digest = digest.hexdigest()

@@ -18,7 +18,7 @@ Everything here is a small @njit helper that the kernels inline; nothing validat
 
 import numpy as np
 
-from ._jit import helper, reduction
+from .jit import helper, reduction
 
 
 @helper

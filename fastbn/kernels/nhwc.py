@@ -14,8 +14,8 @@ back; only small per-block lane accumulators are made inside.
 import numpy as np
 from numba import prange
 
-from ._jit import helper, parallel_kernel
-from ._moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
+from .jit import helper, parallel_kernel
+from .moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
                        merge_parts, shifted_moments)
 
 

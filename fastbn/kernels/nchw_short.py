@@ -12,8 +12,8 @@ Kernels do no validation and allocate nothing: the caller passes every buffer.
 import numpy as np
 from numba import prange
 
-from ._jit import helper, parallel_kernel
-from ._moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
+from .jit import helper, parallel_kernel
+from .moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
                        merge_parts, run_eval_grad, run_grad_sums, run_moment_sums,
                        shifted_moments)
 
@@ -37,7 +37,7 @@ def n_items(sample_block, channel_block, n_batch, n_channels):
 @helper
 def item_moments(x, n0, n1, c0, c1, part):
     """Per-channel (mean, M2) of one item into part[0, c] and part[1, c], each channel shifted
-    by its first value in the item (see _moments for why). part[0] and part[1] hold the
+    by its first value in the item (see moments for why). part[0] and part[1] hold the
     running sums meanwhile."""
     for c in range(c0, c1):
         part[0, c] = 0.0

@@ -17,8 +17,8 @@ Kernels do no validation and allocate nothing: the caller passes every buffer.
 import numpy as np
 from numba import prange
 
-from ._jit import helper, parallel_kernel
-from ._moments import (chan_merge, eval_coefficients, finish_batch_stats, finish_grads,
+from .jit import helper, parallel_kernel
+from .moments import (chan_merge, eval_coefficients, finish_batch_stats, finish_grads,
                        finite_or_zero, run_eval_grad, run_grad_sums, run_moment_sums,
                        shifted_moments)
 
@@ -58,7 +58,7 @@ def merge_channels(part_mean, part_m2, c0, c1, group, chunk, n_batch, length):
     """Merge each channel's item partials in column order into column 0; return the count.
 
     One call covers a range of channels: Numba's reference counting of array arguments costs
-    more than a merge when paid per channel (see _moments).
+    more than a merge when paid per channel (see moments).
     """
     count = item_count(0, group, chunk, n_batch, length)
     for c in range(c0, c1):

@@ -5,7 +5,7 @@ matplotlib is the optional ``plot`` extra, so it is imported only when a plot is
 
 import numpy as np
 
-from . import _report as R
+from . import timing as R
 
 
 def matplotlib_or_none():
