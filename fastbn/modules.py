@@ -14,6 +14,15 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+class StateDictKeyError(KeyError, ValueError):
+    """load_state_dict's keys do not match: a ValueError by contract, and a KeyError too so
+    that callers written against the earlier behaviour keep catching it."""
+
+    def __str__(self):
+        # KeyError's str() is the repr of its argument; a message reads better unquoted.
+        return str(self.args[0]) if self.args else ""
+
+
 class _BatchNorm:
     _ndims = ()
     _shape_doc = ("", "")
@@ -82,15 +91,16 @@ class _BatchNorm:
     def load_state_dict(self, state_dict):
         """Load arrays (or anything np.asarray accepts, such as torch tensors' .numpy()).
 
-        Keys must match state_dict()'s exactly and shapes must be (num_features,); nothing
-        is changed unless every entry is valid.
+        Keys must match state_dict()'s exactly, else :class:`StateDictKeyError` (a ValueError
+        and a KeyError) names the missing and unexpected ones. Shapes must be
+        (num_features,); nothing is changed unless every entry is valid.
         """
         expected = set(self.state_dict())
         given = set(state_dict)
         if given != expected:
             missing = sorted(expected - given)
             unexpected = sorted(given - expected)
-            raise KeyError(f"state_dict keys do not match: missing {missing}, "
+            raise StateDictKeyError(f"state_dict keys do not match: missing {missing}, "
                            f"unexpected {unexpected}")
         staged = {}
         for key in expected:

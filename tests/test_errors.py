@@ -381,9 +381,10 @@ def _state_cases():
     missing = {k: v for k, v in good.items() if k != "running_var"}
     extra = dict(good, momentum=np.float32(0.1))
     return [
-        ("missing key", missing, KeyError, r"missing \['running_var'\], unexpected \[\]"),
-        ("extra key", extra, KeyError, r"missing \[\], unexpected \['momentum'\]"),
-        ("empty", {}, KeyError, "missing"),
+        ("missing key", missing, ValueError, r"missing \['running_var'\], unexpected \[\]"),
+        ("extra key", extra, ValueError, r"missing \[\], unexpected \['momentum'\]"),
+        ("empty", {}, ValueError, r"missing \['bias', 'num_batches_tracked', 'running_mean', "
+                                  r"'running_var', 'weight'\], unexpected \[\]"),
         ("short weight", dict(good, weight=np.ones(C - 1, np.float32)), ValueError,
          r"weight must have shape \(3,\), got \(2,\)"),
         ("2-d running_var", dict(good, running_var=np.ones((C, 1), np.float32)), ValueError,
@@ -423,8 +424,19 @@ def test_state_dict_keys_follow_affine_and_tracking():
         "running_mean", "running_var", "num_batches_tracked"}
     assert set(fastbn.BatchNorm1d(2, track_running_stats=False).state_dict()) == {
         "weight", "bias"}
-    with pytest.raises(KeyError, match=r"unexpected \['bias', 'weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected \['bias', 'weight'\]"):
         fastbn.BatchNorm1d(2, affine=False).load_state_dict(fastbn.BatchNorm1d(2).state_dict())
+
+
+def test_state_dict_key_mismatch_is_a_value_error_and_a_key_error():
+    # ValueError is the contract; KeyError keeps callers of the earlier behaviour working.
+    module = fastbn.BatchNorm1d(2)
+    state = dict(module.state_dict(), extra=np.zeros(2))
+    with pytest.raises(KeyError, match=r"^state_dict keys do not match: missing \[\], "
+                                       r"unexpected \['extra'\]$") as caught:
+        module.load_state_dict(state)
+    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, fastbn.modules.StateDictKeyError)
 
 
 # ----------------------------------------------------------------------------- constructor
