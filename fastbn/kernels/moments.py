@@ -207,3 +207,42 @@ def finish_grads(c0, c1, count, sums_dy, sums_dy_dev, means, invstd, weight, gra
         coef[1, c] = k_dy
         coef[2, c] = k_x
         coef[3, c] = -k_dy * sum_dy / count - k_x * remainder
+
+
+# Split phases: a SyncBatchNorm combines statistics across processes between the passes of a
+# training step, so the coefficients come from given global values instead of local sums.
+
+@helper
+def given_stats_coefficients(means, invstd, weight, bias, coef):
+    """coef[:, c] = (shift, alpha, beta) from given float64 mean and invstd, exactly as
+    finish_batch_stats derives them from the batch's own."""
+    for c in range(coef.shape[1]):
+        mean = means[c]
+        alpha = np.float64(weight[c]) * invstd[c]
+        coef[0, c] = mean
+        coef[1, c] = alpha
+        coef[2, c] = np.float64(bias[c]) - (mean - np.float64(coef[0, c])) * alpha
+
+
+@helper
+def centered_grad_sums(means, coef, sums_dy, sums_dy_dev, sums):
+    """sums[:, c] = (sum(dy), sum(dy * (x - mean))) from the sums taken about coef[0, c], the
+    mean rounded to the input dtype (as in finish_grads)."""
+    for c in range(sums.shape[1]):
+        sum_dy = sums_dy[c]
+        sums[0, c] = sum_dy
+        sums[1, c] = sums_dy_dev[c] - (means[c] - np.float64(coef[0, c])) * sum_dy
+
+
+@helper
+def given_grad_coefficients(count, sums, means, invstd, weight, coef):
+    """coef[:, c] = (shift, k_dy, k_x, k_0) from given sums (sum(dy), sum(dy * (x - mean)))
+    over count values, as finish_grads derives them from the batch's own."""
+    for c in range(coef.shape[1]):
+        coef[0, c] = means[c]
+        remainder = means[c] - np.float64(coef[0, c])
+        k_dy = np.float64(weight[c]) * invstd[c]
+        k_x = -k_dy * invstd[c] * invstd[c] * sums[1, c] / count
+        coef[1, c] = k_dy
+        coef[2, c] = k_x
+        coef[3, c] = -k_dy * sums[0, c] / count - k_x * remainder

@@ -18,8 +18,9 @@ import numpy as np
 from numba import prange
 
 from .jit import helper, parallel_kernel
-from .moments import (chan_merge, eval_coefficients, finish_batch_stats, finish_grads,
-                       finite_or_zero, run_eval_grad, run_grad_sums, run_moment_sums,
+from .moments import (centered_grad_sums, chan_merge, eval_coefficients, finish_batch_stats,
+                       finish_grads, finite_or_zero, given_grad_coefficients,
+                       given_stats_coefficients, run_eval_grad, run_grad_sums, run_moment_sums,
                        shifted_moments)
 
 
@@ -264,3 +265,48 @@ def eval_backward_nchw(dy, x, mean, invstd, weight, group, chunk, part_a, part_b
         sum_dy = part_a[c, 0]
         grad_weight[c] = (part_b[c, 0] - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy
+
+
+# ----------------------------------------------------------------------------- split phases
+# A SyncBatchNorm's training step in pieces, with global statistics entering in between.
+
+@parallel_kernel
+def normalize_nchw(x, mean, invstd, weight, bias, group, chunk, coef, y):
+    """y = (x - mean) * invstd * weight + bias with given float64 statistics."""
+    n_batch, n_channels, length = x.shape
+    n_chunks = (length + chunk - 1) // chunk
+    items_per_channel = ((n_batch + group - 1) // group) * n_chunks
+    given_stats_coefficients(mean, invstd, weight, bias, coef)
+    for item in prange(n_channels * items_per_channel):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c])
+
+
+@parallel_kernel
+def grad_sums_nchw(dy, x, mean, group, chunk, part_a, part_b, coef, sums):
+    """sums[:, c] = (sum(dy), sum(dy * (x - mean))) per channel, in float64."""
+    n_batch, n_channels, length = x.shape
+    n_chunks = (length + chunk - 1) // chunk
+    for c in range(n_channels):
+        coef[0, c] = mean[c]
+    for item in prange(n_channels * part_a.shape[1]):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
+    sum_channels(part_a, part_b, 0, n_channels)
+    centered_grad_sums(mean, coef, part_a[:, 0], part_b[:, 0], sums)
+
+
+@parallel_kernel
+def grad_input_nchw(dy, x, mean, invstd, weight, count, sums, group, chunk, coef, dx):
+    """Training-mode dx from given sums over count values (see given_grad_coefficients)."""
+    n_batch, n_channels, length = x.shape
+    n_chunks = (length + chunk - 1) // chunk
+    items_per_channel = ((n_batch + group - 1) // group) * n_chunks
+    given_grad_coefficients(count, sums, mean, invstd, weight, coef)
+    for item in prange(n_channels * items_per_channel):
+        c, j = item_of(item, n_channels, n_chunks)
+        n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
+        grad_input_item(dy, x, dx, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c],
+                        coef[3, c])

@@ -13,7 +13,8 @@ import numpy as np
 from numba import prange
 
 from .jit import helper, parallel_kernel
-from .moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
+from .moments import (centered_grad_sums, eval_coefficients, finish_batch_stats, finish_grads,
+                       finite_or_zero, given_grad_coefficients, given_stats_coefficients,
                        merge_parts, run_eval_grad, run_grad_sums, run_moment_sums,
                        shifted_moments)
 
@@ -180,3 +181,40 @@ def eval_backward_nchw_short(dy, x, mean, invstd, weight, sample_block, channel_
         sum_dy = parts[0, 0, c]
         grad_weight[c] = (parts[0, 1, c] - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy
+
+
+# ----------------------------------------------------------------------------- split phases
+# A SyncBatchNorm's training step in pieces, with global statistics entering in between.
+
+@parallel_kernel
+def normalize_nchw_short(x, mean, invstd, weight, bias, sample_block, channel_block, coef, y):
+    """y = (x - mean) * invstd * weight + bias with given float64 statistics."""
+    n_batch, n_channels, length = x.shape
+    given_stats_coefficients(mean, invstd, weight, bias, coef)
+    for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        affine_item(x, y, n0, n1, c0, c1, coef)
+
+
+@parallel_kernel
+def grad_sums_nchw_short(dy, x, mean, sample_block, channel_block, parts, coef, sums):
+    """sums[:, c] = (sum(dy), sum(dy * (x - mean))) per channel, in float64."""
+    n_batch, n_channels, length = x.shape
+    for c in range(n_channels):
+        coef[0, c] = mean[c]
+    for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        grad_sums_item(dy, x, x, n0, n1, c0, c1, coef, parts[sb], False)
+    sum_parts(parts, n_channels)
+    centered_grad_sums(mean, coef, parts[0, 0], parts[0, 1], sums)
+
+
+@parallel_kernel
+def grad_input_nchw_short(dy, x, mean, invstd, weight, count, sums, sample_block, channel_block,
+                          coef, dx):
+    """Training-mode dx from given sums over count values (see given_grad_coefficients)."""
+    n_batch, n_channels, length = x.shape
+    given_grad_coefficients(count, sums, mean, invstd, weight, coef)
+    for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
+        sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
+        grad_input_item(dy, x, dx, n0, n1, c0, c1, coef)

@@ -15,7 +15,8 @@ import numpy as np
 from numba import prange
 
 from .jit import helper, parallel_kernel
-from .moments import (eval_coefficients, finish_batch_stats, finish_grads, finite_or_zero,
+from .moments import (centered_grad_sums, eval_coefficients, finish_batch_stats, finish_grads,
+                       finite_or_zero, given_grad_coefficients, given_stats_coefficients,
                        merge_parts, shifted_moments)
 
 
@@ -268,3 +269,48 @@ def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, block_rows, ws
         sum_dy = ws[0, 0, c]
         grad_weight[c] = (ws[0, 1, c] - (mean[c] - np.float64(coef[0, c])) * sum_dy) * invstd[c]
         grad_bias[c] = sum_dy
+
+
+# ----------------------------------------------------------------------------- split phases
+# A SyncBatchNorm's training step in pieces, with global statistics entering in between.
+
+@parallel_kernel
+def normalize_nhwc(xf, n_channels, mean, invstd, weight, bias, block_rows, coef, coef_lanes, yf):
+    """y = (x - mean) * invstd * weight + bias with given float64 statistics; coef_lanes has
+    3 rows."""
+    n_rows = xf.shape[0] // n_channels
+    n_blocks = (n_rows + block_rows - 1) // block_rows
+    given_stats_coefficients(mean, invstd, weight, bias, coef)
+    tile_lanes(coef, coef_lanes, n_channels)
+    for b in prange(n_blocks):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        affine_block(xf, yf, start, end, coef_lanes)
+
+
+@parallel_kernel
+def grad_sums_nhwc(dyf, xf, n_channels, mean, block_rows, interleave, ws, coef, coef_lanes,
+                   sums):
+    """sums[:, c] = (sum(dy), sum(dy * (x - mean))) per channel, in float64; coef_lanes has
+    1 row (the shift)."""
+    n_rows = xf.shape[0] // n_channels
+    for c in range(n_channels):
+        coef[0, c] = mean[c]
+    tile_lanes(coef, coef_lanes, n_channels)
+    for b in prange(ws.shape[0]):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b])
+    fold_block_lanes(ws, n_channels)
+    centered_grad_sums(mean, coef, ws[0, 0], ws[0, 1], sums)
+
+
+@parallel_kernel
+def grad_input_nhwc(dyf, xf, n_channels, mean, invstd, weight, count, sums, block_rows, coef,
+                    coef_lanes, dxf):
+    """Training-mode dx from given sums over count values (see given_grad_coefficients)."""
+    n_rows = xf.shape[0] // n_channels
+    n_blocks = (n_rows + block_rows - 1) // block_rows
+    given_grad_coefficients(count, sums, mean, invstd, weight, coef)
+    tile_lanes(coef, coef_lanes, n_channels)
+    for b in prange(n_blocks):
+        start, end = block_bounds(b, block_rows, n_rows, n_channels)
+        grad_input_block(dyf, xf, dxf, start, end, coef_lanes)
