@@ -1,10 +1,12 @@
-"""``python -m fastbn``: a memory-bandwidth roofline report of fastbn against NumPy and PyTorch.
+"""``python -m fastbn``: fastbn against the one-pass bound, torch and NumPy, cell by cell.
 
-The machine's read+write bandwidth is sampled before every shape, in the same run, so every
-time is also quoted as a fraction of the bound P * bytes / bandwidth. NumPy runs in this
-process; torch runs in a worker process with the same thread count, asked for each cell right
-after fastbn's (see fastbn/report/torch_peer.py). Progress goes to
-stderr and the table to stdout, so ``python -m fastbn > report.md`` keeps just the report.
+Every (shape, layout, op) cell is timed four ways in one go: fastbn's module call (allocating
+its output, as users call it), torch's module call right after it in a worker process with the
+same thread count (fastbn/report/torch_peer.py), fastbn's functional ``out=`` call interleaved
+with the op's one-pass bound on the same buffers (fastbn/report/bound.py), and a NumPy
+reference. The machine's read+write bandwidth is sampled beside each cell. ``--under-load``
+times a few cells beside busy processes instead (fastbn/report/load.py). Progress goes to
+stderr and the report to stdout, so ``python -m fastbn > report.md`` keeps just the report.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import time
 
 import numpy as np
 
+from .report import table as T
 from .report import timing as R
 
 # time_op settings. The default run stays under 3 minutes on 2 cores, the largest shape
@@ -22,11 +25,11 @@ TIMING = {
     "default": {"fastbn": dict(budget_s=0.8, min_repeats=5, max_repeats=100),
                 "numpy": dict(budget_s=0.4, min_repeats=3, max_repeats=20),
                 "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES, repeats=9),
-                "bandwidth_per_shape": 3},
+                "bandwidth_per_cell": 3},
     "quick": {"fastbn": dict(budget_s=0.1, min_repeats=3, max_repeats=20),
               "numpy": dict(budget_s=0.05, min_repeats=1, max_repeats=5, warmup=False),
               "bandwidth": dict(n_bytes=R.BANDWIDTH_BYTES // 2, repeats=5),
-              "bandwidth_per_shape": 1},
+              "bandwidth_per_cell": 1},
 }
 
 
@@ -49,10 +52,17 @@ def parse_args(argv):
                         help="write a PNG of the roofline fraction and the speedup against "
                              "torch per shape (needs the 'plot' extra: matplotlib)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    parser.add_argument("--under-load", action="store_true",
+                        help="instead of the grid, time module calls alone and beside 1 and 2 "
+                             "busy processes and report the slowdowns of fastbn and torch "
+                             "(default shapes: 32x64x56x56 128x1024)")
     args = parser.parse_args(argv)
+    from .report.load import DEFAULT_SHAPES as LOAD_SHAPES
+
+    defaults = LOAD_SHAPES if args.under_load else R.DEFAULT_SHAPES
     try:
         args.shapes = [R.parse_shape(s) for s in args.shapes] if args.shapes else \
-            [tuple(s) for s in R.DEFAULT_SHAPES]
+            [tuple(s) for s in defaults]
     except ValueError as exc:
         parser.error(str(exc))
     return parser, args
@@ -85,148 +95,85 @@ class Progress:
 
 
 def time_cells(shapes, dtype, timing, progress, probe, peer):
-    """A result dict per (shape, layout, op), with the timings of fastbn, NumPy and (when peer
-    is not None) torch, each cell's three taken back to back; bandwidth samples go to probe
-    before each shape."""
+    """A result dict per (shape, layout, op): fastbn's module call, torch's right after it (when
+    peer is not None), fastbn's out= call interleaved with the one-pass bound, NumPy, and the
+    bandwidth sampled just before."""
+    from .report.bound import OnePass
+
     results = []
     for shape in shapes:
         progress.note(f"filling {R.shape_label(shape)}")
         problem = R.make_problem(shape, dtype)
         if peer:
             peer.load(shape)
-        progress.note("measuring memory bandwidth")
-        probe.sample(timing["bandwidth_per_shape"])
         for layout in R.LAYOUTS:
             arrays = problem[layout]
-            fast, ref = R.fastbn_ops(arrays, layout), R.numpy_ops(arrays, layout)
+            x, dy = arrays["x"], arrays["dy"]
+            y, dx = np.zeros_like(x), np.zeros_like(x)
+            fast, ref = R.fastbn_ops(arrays, layout, y, dx), R.numpy_ops(arrays, layout)
+            module = R.module_ops(arrays, layout)
+            one_pass = OnePass(shape, layout, x, dy, y, dx)
             for op in R.OPS:
                 label = f"{op:<13} {layout} {R.shape_label(shape)}"
+                progress.note(f"bandwidth before {label}")
+                cell_bandwidth = probe.sample(timing["bandwidth_per_cell"])
                 progress.note(f"fastbn {label}")
-                fast_t = R.time_op(fast[op], **timing["fastbn"])
+                module_t = R.time_op(module[op], **timing["fastbn"])
                 peer_t = None
                 if peer:
                     progress.note(f"torch  {label}")
                     peer_t = peer.time(layout, op, timing["fastbn"])
+                progress.note(f"out= and one pass {label}")
+                pair = R.time_interleaved({"out": fast[op], "one_pass": one_pass.for_op(op)},
+                                          **timing["fastbn"])
                 progress.note(f"numpy  {label}")
                 ref_t = R.time_op(ref[op], **timing["numpy"])
                 torch_text = f"  torch {peer_t['median_s'] * 1e3:9.3f} ms" if peer_t else ""
-                progress.step(f"{label:<40} fastbn {fast_t['median_s'] * 1e3:9.3f} ms  "
-                              f"numpy {ref_t['median_s'] * 1e3:9.3f} ms{torch_text}")
+                progress.step(f"{label:<40} fastbn {module_t['median_s'] * 1e3:9.3f} ms"
+                              f"{torch_text}  out= {pair['out']['median_s'] * 1e3:9.3f} ms  "
+                              f"1-pass {pair['one_pass']['median_s'] * 1e3:9.3f} ms")
                 results.append({"shape": list(shape), "layout": layout, "op": op,
                                 "array_shape": list(R.layout_shape(shape, layout)),
-                                "bytes": arrays["x"].nbytes, "passes": R.PASSES[op],
-                                "fastbn": fast_t, "numpy": ref_t, "torch": peer_t})
-        del problem, arrays, fast, ref
+                                "bytes": x.nbytes, "passes": R.PASSES[op],
+                                "one_pass_walk": one_pass.kind,
+                                "bandwidth_bytes_per_s": cell_bandwidth,
+                                "module": module_t, "torch": peer_t, "out": pair["out"],
+                                "one_pass": pair["one_pass"], "numpy": ref_t})
+            del arrays, fast, ref, module, one_pass, x, dy, y, dx
+        del problem
     return results
 
 
-def add_ratios(results, bytes_per_s):
+def add_ratios(results, last_level_cache_bytes):
     for row in results:
-        seconds = row["fastbn"]["median_s"]
-        row["effective_bytes_per_s"] = row["passes"] * row["bytes"] / seconds
-        row["roofline_fraction"] = R.roofline_fraction(row["passes"], row["bytes"],
-                                                       bytes_per_s, seconds)
-        row["speedup_vs_numpy"] = row["numpy"]["median_s"] / seconds
+        module_s, out_s = row["module"]["median_s"], row["out"]["median_s"]
+        one_pass_s = row["one_pass"]["median_s"]
+        row["effective_bytes_per_s"] = row["passes"] * row["bytes"] / out_s
+        row["one_pass_fraction"] = one_pass_s / out_s
+        row["module_one_pass_fraction"] = one_pass_s / module_s
+        # The DRAM roofline only means something for a tensor that cannot stay in cache.
+        row["roofline_fraction"] = (
+            R.roofline_fraction(row["passes"], row["bytes"], row["bandwidth_bytes_per_s"],
+                                out_s)
+            if row["bytes"] >= 2 * last_level_cache_bytes else None)
+        row["speedup_vs_numpy"] = row["numpy"]["median_s"] / module_s
         peer = row["torch"]
-        row["speedup_vs_torch"] = peer["median_s"] / seconds if peer else None
-
-
-def geometric_mean(values):
-    values = [v for v in values if v]
-    return float(np.exp(np.mean(np.log(values)))) if values else None
-
-
-def summarize(results):
-    summary = {}
-    for op in R.OPS:
-        rows = [r for r in results if r["op"] == op]
-        summary[op] = {key: geometric_mean([r[key] for r in rows])
-                       for key in ("roofline_fraction", "speedup_vs_numpy", "speedup_vs_torch")}
-    return summary
-
-
-def format_seconds(seconds):
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
-        if seconds >= scale or unit == "ns":
-            value = seconds / scale
-            digits = 0 if value >= 100 else 1 if value >= 10 else 2
-            return f"{value:.{digits}f} {unit}"
-
-
-def format_ratio(value):
-    return "—" if value is None else f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
-
-
-def header_lines(machine, bandwidth, settings, torch_note):
-    m = machine
-    torch = f", torch {m['torch']}" if m["torch"] else ""
-    busy = m["load_average"] and m["load_average"][0] > (m["usable_cores"] or m["cores"])
-    return [
-        f"# fastbn {m['fastbn']} roofline report",
-        "",
-        *(["**warning: the load average exceeded the core count: other work shared the "
-           "cores, so these timings are contended**", ""] if busy else []),
-        f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
-        f"Numba {m['numba_threads']} threads, threading layer {m['threading_layer']}"
-        + (f", load average {m['load_average'][0]:.2f} at the start" if m["load_average"]
-           else ""),
-        f"- versions: Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}{torch}",
-        f"- memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (parallel "
-        f"y = a*x + b over {bandwidth['bytes_moved'] // 2 >> 20} MiB into a reused buffer, "
-        f"read + write, median of {len(bandwidth['samples_s'])} samples spread over the run)",
-        f"- dtype {settings['dtype']}; roofline = (P * bytes / bandwidth) / time with P = "
-        + ", ".join(f"{p} ({R.OP_TITLES[op]})" for op, p in R.PASSES.items())
-        + "; GB/s = P * bytes / time",
-        f"- speedups are time(peer) / time(fastbn), medians of one run; torch: {torch_note}",
-        "- a roofline fraction above 1 means the tensor stayed in cache between passes",
-        f"- command: {settings['command']}",
-    ]
-
-
-def table_lines(results):
-    columns = ["op", "layout", "shape", "MB", "fastbn", "GB/s", "roofline", "vs NumPy",
-               "vs torch"]
-    rows = []
-    for op in R.OPS:
-        for layout in R.LAYOUTS:
-            for r in (r for r in results if r["op"] == op and r["layout"] == layout):
-                rows.append([R.OP_TITLES[op], layout, R.shape_label(r["shape"]),
-                             f"{r['bytes'] / 1e6:.3g}", format_seconds(r["fastbn"]["median_s"]),
-                             f"{r['effective_bytes_per_s'] / 1e9:.1f}",
-                             f"{r['roofline_fraction']:.2f}", format_ratio(r["speedup_vs_numpy"]),
-                             format_ratio(r["speedup_vs_torch"])])
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
-    right = {3, 4, 5, 6, 7, 8}
-
-    def line(cells):
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2)
-                          for i, w in enumerate(widths)) + "|"
-    return [line(columns), rule] + [line(row) for row in rows]
-
-
-def summary_lines(summary):
-    lines = ["", "Geometric means over the shapes:", ""]
-    for op, values in summary.items():
-        lines.append(f"- {R.OP_TITLES[op]}: roofline {values['roofline_fraction']:.2f}, "
-                     f"{format_ratio(values['speedup_vs_numpy'])} NumPy, "
-                     f"{format_ratio(values['speedup_vs_torch'])} torch")
-    return lines
+        row["speedup_vs_torch"] = peer["median_s"] / module_s if peer else None
 
 
 def main(argv=None):
+    import os
+
     import numba
 
+    from .kernels.jit import num_threads
     from .report.plot import matplotlib_or_none, write_plot
     from .report.torch_peer import TorchPeer
-    from .kernels.jit import num_threads
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args = parse_args(argv)
     plt = None
-    if args.plot:
+    if args.plot and not args.under_load:
         plt = matplotlib_or_none()
         if plt is None:  # fail before the long run, not after it
             parser.exit(2, "python -m fastbn: --plot needs matplotlib, which is not installed; "
@@ -246,13 +193,15 @@ def main(argv=None):
     if not args.no_torch:
         progress.note(f"starting the torch worker with {threads} threads")
         peer, reason = TorchPeer.start(args.dtype, threads)
-        torch_note = (f"torch {peer.version} in a worker process, {peer.threads} threads, "
-                      "each cell timed right after fastbn's" if peer
+        torch_note = (f"torch {peer.version} module calls in a worker process, {peer.threads} "
+                      "threads, each cell timed right after fastbn's" if peer
                       else f"not measured: {reason}")
         if reason:
             print(f"torch comparison skipped: {reason}", file=sys.stderr)
     try:
         with num_threads(threads):
+            if args.under_load:
+                return under_load(args, settings, progress, peer, torch_note, started)
             progress.note("measuring memory bandwidth")
             probe = R.BandwidthProbe(timing["bandwidth"]["n_bytes"])
             probe.sample(timing["bandwidth"]["repeats"])
@@ -263,21 +212,53 @@ def main(argv=None):
         if peer:
             peer.close()
     progress.close()
-    add_ratios(results, bandwidth["bytes_per_s"])
+    settings["load_average_end"] = list(os.getloadavg())
+    add_ratios(results, machine["last_level_cache_bytes"])
     report = {"machine": machine, "bandwidth": bandwidth, "passes": dict(R.PASSES),
               "settings": settings, "torch_note": torch_note, "results": results,
-              "summary": summarize(results), "elapsed_s": time.perf_counter() - started}
-    print("\n".join(header_lines(machine, bandwidth, settings, torch_note) + [""]
-                    + table_lines(results) + summary_lines(report["summary"])))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.json}", file=sys.stderr)
+              "summary": T.summarize(results), "elapsed_s": time.perf_counter() - started}
+    print("\n".join(T.header_lines(machine, bandwidth, settings, torch_note) + [""]
+                    + T.table_lines(results) + T.summary_lines(report["summary"])))
+    write_json(args.json, report)
     if plt is not None:
         write_plot(plt, args.plot, report)
         print(f"wrote {args.plot}", file=sys.stderr)
     print(f"done in {report['elapsed_s']:.0f} s", file=sys.stderr)
     return 0
+
+
+def under_load(args, settings, progress, peer, torch_note, started):
+    import os
+
+    from .report import load
+
+    timing = load.TIMING["quick" if args.quick else "default"]
+    settings["timing"] = timing
+    machine = R.machine_info()
+    results = load.time_under_load(args.shapes, args.dtype, timing, progress, peer)
+    progress.close()
+    settings["load_average_end"] = list(os.getloadavg())
+    m = machine
+    lines = [f"# fastbn {m['fastbn']} under load", "",
+             f"- machine: {m['cpu']}, {m['cores']} cores, Numba {m['numba_threads']} threads, "
+             f"threading layer {m['threading_layer']}, load average {m['load_average'][0]:.2f} "
+             f"at the start and {settings['load_average_end'][0]:.2f} at the end",
+             f"- dtype {args.dtype}; module calls that allocate their output; torch: "
+             f"{torch_note}",
+             "- busy = processes spinning on a core each beside the timed call; "
+             "× = time(beside them) / time(alone)",
+             f"- command: {settings['command']}", ""]
+    print("\n".join(lines + load.table_lines(results) + load.verdict_lines(results)))
+    write_json(args.json, {"machine": machine, "settings": settings, "torch_note": torch_note,
+                           "under_load": results, "elapsed_s": time.perf_counter() - started})
+    return 0
+
+
+def write_json(path, report):
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -33,18 +33,70 @@ def test_quick_report_measures_every_cell(tmp_path):
     for row in results:
         assert row["shape"] == [2, 4, 8, 8]
         assert row["bytes"] == 2 * 4 * 8 * 8 * 4
-        assert row["fastbn"]["median_s"] > 0 and row["numpy"]["median_s"] > 0
-        seconds = row["fastbn"]["median_s"]
-        assert row["speedup_vs_numpy"] == pytest.approx(row["numpy"]["median_s"] / seconds)
+        for timing in ("module", "out", "one_pass", "numpy"):
+            assert row[timing]["median_s"] > 0, timing
+        # The out= call and the one-pass bound are sampled in turn, the same number of times.
+        assert len(row["out"]["samples_s"]) == len(row["one_pass"]["samples_s"]) >= 3
+        assert row["bandwidth_bytes_per_s"] > 0
+        module_s = row["module"]["median_s"]
+        assert row["one_pass_fraction"] == pytest.approx(
+            row["one_pass"]["median_s"] / row["out"]["median_s"])
+        assert row["module_one_pass_fraction"] == pytest.approx(
+            row["one_pass"]["median_s"] / module_s)
+        # A 2 KB tensor stays in cache: no DRAM roofline for it.
+        assert row["roofline_fraction"] is None
+        assert row["speedup_vs_numpy"] == pytest.approx(row["numpy"]["median_s"] / module_s)
         if HAS_TORCH:
             assert row["torch"]["median_s"] > 0
-            assert row["speedup_vs_torch"] == pytest.approx(row["torch"]["median_s"] / seconds)
+            assert row["speedup_vs_torch"] == pytest.approx(row["torch"]["median_s"] / module_s)
         else:
             assert row["torch"] is None and row["speedup_vs_torch"] is None
     if HAS_TORCH:
-        assert "worker process" in report["torch_note"]
+        assert "module calls in a worker process" in report["torch_note"]
+        speedups = [r["speedup_vs_torch"] for r in results if r["op"] == "backward"]
+        assert report["summary"]["backward"]["speedup_vs_torch"]["min"] == min(speedups)
     assert "| train fwd | NCHW   | 2x4x8x8" in proc.stdout
-    assert "Geometric means over the shapes" in proc.stdout
+    assert "Over the grid" in proc.stdout
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 40, 40), (2, 3, 5, 5), (4, 5, 6), (8, 16),
+                                   (3, 2, 4, 4, 5), (64, 8, 8, 8)])
+def test_one_pass_bound_computes_the_affine_maps(shape):
+    # The bound must do the work it stands for, in every walk it can take (planes, sample
+    # rows, channel rows; serial and parallel twins).
+    import numpy as np
+
+    from fastbn.report.bound import OnePass
+    from fastbn.report.timing import make_problem
+
+    problem = make_problem(shape, np.float64)
+    for layout in ("NCHW", "NHWC"):
+        x, dy = problem[layout]["x"], problem[layout]["dy"]
+        y, dx = np.zeros_like(x), np.zeros_like(x)
+        one_pass = OnePass(shape, layout, x, dy, y, dx)
+        shape_c = [1] * x.ndim
+        shape_c[x.ndim - 1 if layout == "NHWC" else 1] = -1
+        a, b, c = (v.reshape(shape_c) for v in one_pass.coefficients)
+        np.testing.assert_allclose(y, a * x + b, rtol=1e-14, err_msg=one_pass.kind)
+        np.testing.assert_allclose(dx, a * dy + b * x + c, rtol=1e-14, err_msg=one_pass.kind)
+
+
+def test_under_load_reports_slowdowns(tmp_path):
+    path = tmp_path / "load.json"
+    proc = run_report("--under-load", "--quick", "--shapes", "2x4x8x8", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(path.read_text())["under_load"]
+    assert len(rows) == 6
+    for row in rows:
+        for level in ("1", "2"):
+            fast = row["fastbn"][level]["median_s"]
+            assert row["fastbn_slowdown"][level] == pytest.approx(
+                fast / row["fastbn"]["alone"]["median_s"])
+            if HAS_TORCH:
+                assert row["torch_slowdown"][level] == pytest.approx(
+                    row["torch"][level]["median_s"] / row["torch"]["alone"]["median_s"])
+    assert "fastbn ×, 2 busy" in proc.stdout
+    assert "(cell, load) pairs" in proc.stdout
 
 
 def test_report_without_torch_says_so(tmp_path):

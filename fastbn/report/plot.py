@@ -1,4 +1,4 @@
-"""The --plot figure of ``python -m fastbn``: roofline fraction and speedup per shape.
+"""The --plot figure of ``python -m fastbn``: one-pass fraction and speedup per shape.
 
 matplotlib is the optional ``plot`` extra, so it is imported only when a plot is asked for.
 """
@@ -31,7 +31,7 @@ def write_plot(plt, path, report):
         by_shape = {tuple(r["shape"]): r for r in results
                     if r["op"] == op and r["layout"] == layout}
         rows = [by_shape.get(tuple(s)) for s in shapes]
-        roof = [r["roofline_fraction"] if r else np.nan for r in rows]
+        roof = [r["one_pass_fraction"] if r else np.nan for r in rows]
         peer = [r[peer_key] if r and r[peer_key] else np.nan for r in rows]
         offset = positions + (i - (len(series) - 1) / 2) * width
         label = f"{R.OP_TITLES[op]} {layout}"
@@ -41,14 +41,14 @@ def write_plot(plt, path, report):
                    alpha=1.0 if layout == "NCHW" else 0.55)
     machine = report["machine"]
     top.axhline(1.0, color="black", linewidth=0.8)
-    top.set_ylabel("fraction of bandwidth roofline")
+    top.set_ylabel("fraction of the one-pass bound\n(out= calls)")
     top.set_title(f"fastbn {machine['fastbn']} ({report['settings']['dtype']}) on {machine['cpu']}"
-                  f", {machine['numba_threads']} threads, "
-                  f"{report['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s")
+                  f", {machine['numba_threads']} threads; one pass = y = a*x + b (forwards), "
+                  f"dx = a*dy + b*x + c (backward) on the same buffers", fontsize="small")
     top.legend(ncol=3, fontsize="small")
     bottom.axhline(1.0, color="black", linewidth=0.8)
     bottom.set_yscale("log")
-    bottom.set_ylabel(f"speedup against {peer_name}")
+    bottom.set_ylabel(f"speedup against {peer_name}\n(module calls)")
     bottom.set_xticks(positions, [R.shape_label(s) for s in shapes], rotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,9 +6,12 @@ The pass counts are the minimum traffic of each op: training forward reads x twi
 then normalize) and writes y once; eval forward reads x and writes y; training backward reads
 dy and x for the two reductions, then reads them again and writes dx.
 
-Everything here times the public API with preallocated ``out=`` buffers, on arrays filled before
-timing (a fresh page faults on first touch, which would be timed otherwise), after one warm-up
-call (which compiles the kernel or loads it from Numba's disk cache).
+fastbn is timed two ways: module calls that allocate their output, as users call them
+(``module_ops``, compared with torch's module calls), and functional calls into preallocated
+``out=`` buffers (``fastbn_ops``, compared with the one-pass bound of report/bound.py on the
+same buffers). Arrays are filled before timing (a fresh page faults on first touch, which would
+be timed otherwise), and every callable is called once before its timing (which compiles the
+kernel or loads it from Numba's disk cache).
 """
 
 import importlib.metadata
@@ -54,6 +57,25 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def last_level_cache_bytes(default=32 << 20):
+    """The largest CPU cache in bytes (Linux sysfs), or default where it cannot be read."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = [e for e in os.listdir(base) if e.startswith("index")]
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else default
+
+
 def machine_info():
     """Cores, Numba threads and layer, and versions. Call after a parallel kernel has run:
     Numba only knows its threading layer once its pool has started."""
@@ -71,7 +93,7 @@ def machine_info():
     return {
         "cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
         "numba_threads": numba.get_num_threads(), "threading_layer": layer,
-        "load_average": load,
+        "load_average": load, "last_level_cache_bytes": last_level_cache_bytes(),
         "platform": platform.platform(), "python": platform.python_version(),
         "fastbn": fastbn.__version__, "numpy": np.__version__, "numba": numba.__version__,
         "torch": package_version("torch"),
@@ -118,11 +140,15 @@ class BandwidthProbe:
         self.samples = []
 
     def sample(self, repeats):
+        """Take repeats more samples; the bandwidth of these alone, in bytes/s."""
         a, b = np.float32(1.0), np.float32(0.0)
+        taken = []
         for _ in range(repeats):
             start = time.perf_counter()
             self._kernel(self._x, a, b, self._y)
-            self.samples.append(time.perf_counter() - start)
+            taken.append(time.perf_counter() - start)
+        self.samples.extend(taken)
+        return 2 * self._x.nbytes / float(np.median(taken))
 
     def result(self):
         moved = 2 * self._x.nbytes
@@ -139,18 +165,28 @@ def measure_bandwidth(n_bytes=BANDWIDTH_BYTES, repeats=9):
 
 # ----------------------------------------------------------------------------- timing
 
+def _fastest_of(fn, calls):
+    # The batch size comes from the fastest of a few calls: one call that happened to wait for
+    # the scheduler would otherwise make every sample a single, timer-resolution-sized call.
+    fastest = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
+
+
 def time_op(fn, budget_s=0.5, min_repeats=3, max_repeats=50, min_sample_s=1e-3, warmup=True):
     """Time fn() with time.perf_counter: a dict with the median and every sample in seconds.
 
-    One warm-up call first (compilation, page faults). Calls shorter than min_sample_s are
+    One warm-up call first (compilation, page faults). Calls shorter than min_sample_s (by the
+    fastest of three) are
     batched ``number`` at a time so a sample is not dominated by timer resolution; the number
     of samples fits budget_s, clamped to [min_repeats, max_repeats].
     """
     if warmup:
         fn()
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
+    first = _fastest_of(fn, 3)
     number = 1 if first >= min_sample_s else int(min(1000, np.ceil(min_sample_s / first)))
     repeats = int(np.clip(budget_s / (first * number), min_repeats, max_repeats))
     samples = []
@@ -160,6 +196,30 @@ def time_op(fn, budget_s=0.5, min_repeats=3, max_repeats=50, min_sample_s=1e-3, 
             fn()
         samples.append((time.perf_counter() - start) / number)
     return {"median_s": float(np.median(samples)), "samples_s": samples, "number": number}
+
+
+def time_interleaved(fns, budget_s=0.5, min_repeats=3, max_repeats=50, min_sample_s=1e-3):
+    """time_op for several callables at once, {name: result}, their samples taken in turn
+    (A, B, A, B, ...) so that drift in the machine's speed lands on all of them alike. Their
+    ratio is then as steady as this machine allows, where two back-to-back runs are not."""
+    numbers = {}
+    for name, fn in fns.items():
+        fn()
+        first = _fastest_of(fn, 3)
+        numbers[name] = (1 if first >= min_sample_s
+                         else int(min(1000, np.ceil(min_sample_s / first))), first)
+    round_s = sum(number * first for number, first in numbers.values())
+    repeats = int(np.clip(budget_s / round_s, min_repeats, max_repeats))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            number = numbers[name][0]
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[name].append((time.perf_counter() - start) / number)
+    return {name: {"median_s": float(np.median(samples[name])), "samples_s": samples[name],
+                   "number": numbers[name][0]} for name in fns}
 
 
 def roofline_fraction(passes, n_bytes, bytes_per_s, seconds):
@@ -213,8 +273,9 @@ def make_problem(shape, dtype=np.float32, seed=0):
 
 # ----------------------------------------------------------------------------- ops
 
-def fastbn_ops(arrays, layout):
-    """{op: zero-argument callable} over fastbn's functional API with out= buffers.
+def fastbn_ops(arrays, layout, y=None, dx=None):
+    """{op: zero-argument callable} over fastbn's functional API with out= buffers (y for the
+    forwards, dx for the backward; new ones unless given).
 
     Backward is timed on the statistics of a training forward, as training does.
     """
@@ -223,8 +284,8 @@ def fastbn_ops(arrays, layout):
     x, dy, w, b = arrays["x"], arrays["dy"], arrays["weight"], arrays["bias"]
     channels_last = layout == "NHWC"
     running_mean, running_var = arrays["running_mean"].copy(), arrays["running_var"].copy()
-    y = np.zeros_like(x)
-    dx = np.zeros_like(x)
+    y = np.zeros_like(x) if y is None else y
+    dx = np.zeros_like(x) if dx is None else dx
     _, save_mean, save_invstd = fastbn.batch_norm_forward(
         x, w, b, EPS, channels_last=channels_last, out=y)
 
@@ -242,6 +303,33 @@ def fastbn_ops(arrays, layout):
                                    channels_last=channels_last, out=dx)
 
     return {"train_forward": train_forward, "eval_forward": eval_forward, "backward": backward}
+
+
+def module_ops(arrays, layout):
+    """{op: callable} over fastbn's modules, called as users call them: each call allocates its
+    output (and the backward its gradients). backward differentiates a training forward."""
+    import fastbn
+
+    x, dy = arrays["x"], arrays["dy"]
+    module_class = {2: fastbn.BatchNorm1d, 3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d,
+                    5: fastbn.BatchNorm3d}[x.ndim]
+    channels_last = layout == "NHWC" and x.ndim > 2
+    n_channels = arrays["weight"].size
+    modules = []
+    for _ in range(3):
+        module = module_class(n_channels, eps=EPS, momentum=MOMENTUM,
+                              channels_last=channels_last, dtype=x.dtype)
+        module.load_state_dict({"weight": arrays["weight"], "bias": arrays["bias"],
+                                "running_mean": arrays["running_mean"],
+                                "running_var": arrays["running_var"],
+                                "num_batches_tracked": np.int64(0)})
+        modules.append(module)
+    train, inference, differentiated = modules
+    inference.eval()
+    differentiated(x)
+
+    return {"train_forward": lambda: train(x), "eval_forward": lambda: inference(x),
+            "backward": lambda: differentiated.backward(dy)}
 
 
 def numpy_ops(arrays, layout):

@@ -8,14 +8,15 @@ second of each other keeps the ratio honest where two separate sweeps would not.
 waits on the pipe while the worker runs (and the worker while the parent runs), so the two
 never compete for the cores. Progress goes to stderr, shared with the parent.
 
-What is timed, per op, on the same values fastbn sees (built by ``timing.make_problem``):
-- train_forward: ``F.batch_norm(..., training=True)`` under ``torch.no_grad()``, updating the
-  running statistics like fastbn does.
-- eval_forward: ``F.batch_norm(..., training=False)`` under ``torch.no_grad()``.
-- backward: ``torch.ops.aten.native_batch_norm_backward`` with the saved statistics of a
-  training forward and all three gradients requested. That is the kernel autograd calls, without
-  re-running the forward or the autograd engine, so it isolates the backward cost.
-torch has no ``out=`` here, so its timings include allocating the output.
+What is timed, per op, on the same values fastbn sees (built by ``timing.make_problem``): torch's
+modules called as a training script calls them, each call allocating its output, like fastbn's
+module calls in the parent.
+- train_forward: ``module(x)`` in training mode with autograd recording (x, weight and bias
+  require grad, as they do in training), updating the running statistics.
+- eval_forward: ``module(x)`` in eval mode under ``torch.no_grad()``, as inference runs.
+- backward: ``torch.autograd.grad(y, (x, weight, bias), dy)`` on the graph of one training
+  forward (kept with ``retain_graph``): the autograd engine and
+  ``native_batch_norm_backward``, with all three gradients, as ``loss.backward()`` pays them.
 
 Layouts: NHWC arrays are handed to torch as the permuted view of the same memory, which is
 torch's channels_last format for 4-D and channels_last_3d for 5-D input. torch has no
@@ -86,43 +87,43 @@ class TorchPeer:
             self._proc.wait()
 
 
-def torch_view(array, layout):
-    """The torch tensor of an (N, C, *spatial) problem, sharing the array's memory."""
-    import torch
-
-    tensor = torch.from_numpy(array)
-    if layout == "NHWC" and array.ndim > 2:
-        return tensor.permute(0, array.ndim - 1, *range(1, array.ndim - 1))
+def torch_view(tensor, layout):
+    """The (N, C, *spatial) view torch's modules take of a tensor stored in layout."""
+    if layout == "NHWC" and tensor.ndim > 2:
+        return tensor.permute(0, tensor.ndim - 1, *range(1, tensor.ndim - 1))
     return tensor
 
 
 def torch_ops(arrays, layout):
     import torch
-    import torch.nn.functional as F
 
-    x, dy = torch_view(arrays["x"], layout), torch_view(arrays["dy"], layout)
-    w, b = torch.from_numpy(arrays["weight"]), torch.from_numpy(arrays["bias"])
-    running_mean = torch.from_numpy(arrays["running_mean"].copy())
-    running_var = torch.from_numpy(arrays["running_var"].copy())
-    eval_mean = torch.from_numpy(arrays["running_mean"])
-    eval_var = torch.from_numpy(arrays["running_var"])
-    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-        x, w, b, running_mean.clone(), running_var.clone(), True, MOMENTUM, EPS)
-
-    def train_forward():
-        with torch.no_grad():
-            F.batch_norm(x, running_mean, running_var, w, b, True, MOMENTUM, EPS)
+    module_class = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+                    5: torch.nn.BatchNorm3d}[arrays["x"].ndim]
+    dtype = torch.from_numpy(arrays["x"][:0]).dtype
+    leaf = torch.from_numpy(arrays["x"]).requires_grad_(True)
+    x = torch_view(leaf, layout)
+    dy = torch_view(torch.from_numpy(arrays["dy"]), layout)
+    state = {key: torch.from_numpy(arrays[key].copy())
+             for key in ("weight", "bias", "running_mean", "running_var")}
+    modules = []
+    for _ in range(3):
+        module = module_class(arrays["weight"].size, eps=EPS, momentum=MOMENTUM, dtype=dtype)
+        module.load_state_dict(dict(state, num_batches_tracked=torch.tensor(0)))
+        modules.append(module)
+    train, inference, differentiated = modules
+    inference.eval()
+    y = differentiated(x)
+    inputs = (leaf, differentiated.weight, differentiated.bias)
 
     def eval_forward():
         with torch.no_grad():
-            F.batch_norm(x, eval_mean, eval_var, w, b, False, MOMENTUM, EPS)
+            inference(x)
 
     def backward():
-        torch.ops.aten.native_batch_norm_backward(dy, x, w, running_mean, running_var,
-                                                  save_mean, save_invstd, True, EPS,
-                                                  [True, True, True])
+        torch.autograd.grad(y, inputs, dy, retain_graph=True)
 
-    return {"train_forward": train_forward, "eval_forward": eval_forward, "backward": backward}
+    return {"train_forward": lambda: train(x), "eval_forward": eval_forward,
+            "backward": backward}
 
 
 def main():

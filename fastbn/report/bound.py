@@ -1,0 +1,150 @@
+"""The one-pass bound of the report: the op's unavoidable traffic as one plain streaming pass.
+
+Every batch norm implementation moves at least this much memory:
+
+- forwards (train and eval): read x, write y, as ``y = a * x + b`` with per-channel a, b;
+- backward: read dy and x, write dx, as ``dx = a * dy + b * x + c`` with per-channel a, b, c.
+
+Statistics need more passes over the data than that; only cache reuse can hide them. So the
+time of this pass, on the same buffers, in the same process, with the same threads, measured
+beside fastbn's own call, is the yardstick that drifts with the machine exactly as fastbn does,
+where a bandwidth figure from a separate buffer does not.
+
+The pass is a good streaming loop, laid out like the data:
+
+- channel planes of L >= ``PLANE_VALUES`` values (NCHW): one coefficient per plane, a
+  contiguous run of L values per (sample, channel);
+- everything else, rows of W values with the coefficients expanded to a row of W: a (N, C)
+  or channels-last tensor takes W = C * reps (reps rows per step, so narrow C still fills the
+  vector registers), short NCHW planes take W = C * L, one whole sample per row.
+
+Like fastbn's kernels, tensors under ``SERIAL_BELOW_ELEMENTS`` run a serial twin, since a
+parallel-region launch costs more than such a pass.
+"""
+
+import numpy as np
+
+from ..kernels.jit import SERIAL_BELOW_ELEMENTS
+
+# NCHW planes shorter than this are streamed as whole-sample rows: a per-plane loop of a few
+# dozen values spends more on loop overhead than on moving data.
+PLANE_VALUES = 1024
+# Widest expanded coefficient row, in bytes per coefficient array: the two or three rows of a
+# pass then stay in the 1-2 MB L2 beside the data streaming through it.
+ROW_BYTES = 128 << 10
+# Rows of a (rows, C) tensor are grouped so that W = C * reps reaches this many values.
+ROW_VALUES = 1024
+
+_kernels = None
+
+
+def _compiled():
+    # Compiled on first use, so importing the report never starts a Numba compilation.
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    from numba import njit, prange
+
+    def affine_rows(x, a, b, y):
+        for r in prange(x.shape[0]):
+            for j in range(x.shape[1]):
+                y[r, j] = a[j] * x[r, j] + b[j]
+
+    def affine_planes(x, a, b, y):
+        n_channels = x.shape[1]
+        for p in prange(x.shape[0] * n_channels):
+            i, k = p // n_channels, p % n_channels
+            ak, bk = a[k], b[k]
+            for j in range(x.shape[2]):
+                y[i, k, j] = ak * x[i, k, j] + bk
+
+    def affine2_rows(dy, x, a, b, c, dx):
+        for r in prange(x.shape[0]):
+            for j in range(x.shape[1]):
+                dx[r, j] = a[j] * dy[r, j] + b[j] * x[r, j] + c[j]
+
+    def affine2_planes(dy, x, a, b, c, dx):
+        n_channels = x.shape[1]
+        for p in prange(x.shape[0] * n_channels):
+            i, k = p // n_channels, p % n_channels
+            ak, bk, ck = a[k], b[k], c[k]
+            for j in range(x.shape[2]):
+                dx[i, k, j] = ak * dy[i, k, j] + bk * x[i, k, j] + ck
+
+    _kernels = {}
+    for fn in (affine_rows, affine_planes, affine2_rows, affine2_planes):
+        # The serial twin is the same loop with prange run as range.
+        _kernels[fn.__name__] = (njit(parallel=True, cache=True, nogil=True)(fn),
+                                 njit(parallel=False, cache=True, nogil=True)(
+                                     _renamed(fn, fn.__name__ + "_serial")))
+    return _kernels
+
+
+def _renamed(fn, name):
+    # Numba's disk cache is keyed by qualified name, so each twin needs its own.
+    import types
+
+    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__,
+                              fn.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
+def stream_layout(shape, layout):
+    """('planes', (N, C, L)) or ('rows', (R, W), reps): how the pass walks an (N, C, *spatial)
+    problem stored in layout; reps is how often the C coefficients repeat along a row."""
+    n_batch, n_channels = shape[0], shape[1]
+    length = int(np.prod(shape[2:], dtype=np.int64))
+    if layout == "NCHW" and length > 1:
+        if length >= PLANE_VALUES:
+            return "planes", (n_batch, n_channels, length), 1
+        return "rows", (n_batch, n_channels * length), length
+    n_rows = n_batch * length
+    reps = 1
+    for d in range(1, max(1, ROW_VALUES // n_channels) + 1):
+        if n_rows % d == 0:
+            reps = d
+    return "rows", (n_rows // reps, n_channels * reps), reps
+
+
+def _expand(values, kind, shape, layout, reps):
+    """Per-channel coefficients as the pass reads them."""
+    if kind == "planes":
+        return values
+    if layout == "NCHW" and len(shape) > 2:  # one whole sample per row: channel c, L values
+        return np.ascontiguousarray(np.repeat(values, reps))
+    return np.ascontiguousarray(np.tile(values, reps))  # reps rows of C channels
+
+
+class OnePass:
+    """Callables for the one-pass bound of one (problem, layout), on its own buffers.
+
+    ``forward()`` writes y from x and ``backward()`` writes dx from dy and x, where x, dy, y and
+    dx are the arrays passed in (the report passes fastbn's own ``out=`` buffers). Row
+    coefficient rows longer than ROW_BYTES fall back to the plane walk for NCHW.
+    ``coefficients`` holds the per-channel (a, b, c).
+    """
+
+    def __init__(self, shape, layout, x, dy, y, dx):
+        kernels = _compiled()
+        kind, view, reps = stream_layout(shape, layout)
+        if kind == "rows" and layout == "NCHW" and view[1] * x.itemsize > ROW_BYTES:
+            kind, view, reps = "planes", (shape[0], shape[1], view[1] // shape[1]), 1
+        self.kind, self.view = kind, view
+        n_channels = shape[1]
+        rng = np.random.default_rng(1)
+        # Coefficients of a normal-sized batch norm: no denormals, no overflow.
+        self.coefficients = tuple(rng.uniform(0.5, 1.5, n_channels).astype(x.dtype)
+                                  for _ in range(3))
+        a, b, c = (_expand(v, kind, shape, layout, reps) for v in self.coefficients)
+        twin = 0 if x.size >= SERIAL_BELOW_ELEMENTS else 1
+        fwd = kernels["affine_" + kind][twin]
+        bwd = kernels["affine2_" + kind][twin]
+        xv, dyv, yv, dxv = (arr.reshape(view) for arr in (x, dy, y, dx))
+        self.forward = lambda: fwd(xv, a, b, yv)
+        self.backward = lambda: bwd(dyv, xv, a, b, c, dxv)
+        self.forward()  # compile (or load from Numba's cache) outside any timing
+        self.backward()
+
+    def for_op(self, op):
+        return self.backward if op == "backward" else self.forward
