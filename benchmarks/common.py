@@ -76,7 +76,7 @@ def numba_threads():
 
 class NumpyBatchNorm:
     """Straightforward vectorized NumPy batch norm at the input dtype: the baseline that
-    speedups are quoted against (the same formulas as fastbn.report.timing.numpy_ops)."""
+    speedups are quoted against (the same formulas as fastbn.report.ops.numpy_ops)."""
 
     def __init__(self, arrays, layout):
         x = arrays["x"]

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .report import ops as O
 from .report import table as T
 from .report import timing as R
 
@@ -110,8 +111,8 @@ def time_cells(shapes, dtype, timing, progress, probe, peer):
             arrays = problem[layout]
             x, dy = arrays["x"], arrays["dy"]
             y, dx = np.zeros_like(x), np.zeros_like(x)
-            fast, ref = R.fastbn_ops(arrays, layout, y, dx), R.numpy_ops(arrays, layout)
-            module = R.module_ops(arrays, layout)
+            fast, ref = O.fastbn_ops(arrays, layout, y, dx), O.numpy_ops(arrays, layout)
+            module = O.module_ops(arrays, layout)
             one_pass = OnePass(shape, layout, x, dy, y, dx)
             for op in R.OPS:
                 label = f"{op:<13} {layout} {R.shape_label(shape)}"

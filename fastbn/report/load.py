@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from . import ops as O
 from . import timing as R
 from .table import format_ratio, format_seconds, markdown_table
 
@@ -47,7 +48,7 @@ def time_under_load(shapes, dtype, timing, progress, peer, levels=BUSY_LEVELS):
             peer.load(shape)
         cells = []
         for layout in R.LAYOUTS:
-            ops = R.module_ops(problem[layout], layout)
+            ops = O.module_ops(problem[layout], layout)
             for op in R.OPS:
                 cells.append((layout, op, ops[op]))
         by_level = {}
