@@ -14,14 +14,15 @@ import numpy as np
 from .kernels import nchw as planes
 from .kernels import nchw_short as short
 from .kernels import nhwc as rows
+from .kernels.moments import finish_merged_moments
 from ._layout import plan_for, workspace_for
 from ._validate import (as_float_array, channel_vector, check_batch_size, check_channels,
                         check_eps, check_momentum, check_no_overlap, checked_output,
                         contiguous, new_or_checked_output)
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "channel_moments",
-           "merge_moments", "batch_norm_normalize", "batch_norm_grad_sums",
-           "batch_norm_grad_input"]
+           "merge_moments", "batch_norm_merged_stats", "batch_norm_normalize",
+           "batch_norm_grad_sums", "batch_norm_grad_input"]
 
 _ones = {}
 _zeros = {}
@@ -313,6 +314,39 @@ def merge_moments(counts, means, m2s):
 
 def _stats_vector(v, n_channels, name):
     return channel_vector(v, n_channels, name).astype(np.float64, copy=False)
+
+
+def batch_norm_merged_stats(count, mean, m2, eps=1e-5, *, running_mean=None, running_var=None,
+                            momentum=0.1):
+    """invstd of merged moments (``1 / sqrt(m2 / count + eps)``, float64), updating
+    running_mean and running_var in place when given, with the unbiased variance, exactly as
+    batch_norm_forward does. count is the batch's values per channel (a number, > 1 for an
+    update)."""
+    count = float(count)
+    n_channels = np.shape(mean)[0] if np.ndim(mean) == 1 else -1
+    mean = _stats_vector(mean, n_channels, "mean")
+    m2 = _stats_vector(m2, n_channels, "m2")
+    update = running_mean is not None or running_var is not None
+    if update:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given together")
+        running_mean = channel_vector(running_mean, n_channels, "running_mean", writeable=True)
+        running_var = channel_vector(running_var, n_channels, "running_var", writeable=True)
+    if not count > (1.0 if update else 0.0):
+        raise ValueError(f"count must be above {1 if update else 0} here, got {count}")
+    return _merged_stats(count, mean, m2, check_eps(eps), check_momentum(momentum),
+                         running_mean, running_var)
+
+
+def _merged_stats(count, mean, m2, eps, momentum, running_mean, running_var):
+    """batch_norm_merged_stats after validation; running buffers are updated unless None."""
+    invstd = np.empty(mean.shape[0], np.float64)
+    update = running_mean is not None
+    if not update:
+        running_mean = running_var = invstd  # never written: the update flag is off
+    finish_merged_moments.serial(count, mean, m2, eps, momentum, update, running_mean,
+                                 running_var, invstd)
+    return invstd
 
 
 def batch_norm_normalize(x, mean, invstd, weight=None, bias=None, *, channels_last=False,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastbn
+
 import reference as ref
 from conftest import LARGE_SHAPES, SHAPES, make_input, make_params, shape_id
 
@@ -113,3 +114,23 @@ def test_phase_arguments_are_checked():
     with pytest.raises(ValueError, match="out must not be x"):
         fastbn.batch_norm_grad_input(np.ones_like(x), x, stats, stats, np.zeros((2, 3)), 4,
                                      out=x)
+
+
+@pytest.mark.parametrize("buffer_dtype", [np.float32, np.float64])
+def test_merged_stats_update_running_buffers_like_batch_norm_forward(buffer_dtype, rng):
+    x = make_input(rng, (9, 4, 5), np.float64)
+    running = [np.full(4, 0.5, buffer_dtype), np.full(4, 2.0, buffer_dtype)]
+    expected = [r.copy() for r in running]
+    fastbn.batch_norm_forward(x, running_mean=expected[0], running_var=expected[1],
+                              momentum=0.3)
+    count, mean, m2 = fastbn.channel_moments(x)
+    invstd = fastbn.batch_norm_merged_stats(count[0], mean, m2, running_mean=running[0],
+                                                       running_var=running[1], momentum=0.3)
+    _, _, invstd_exp, _ = ref.forward_train(x)
+    ref.assert_close(invstd, invstd_exp, np.float64, invstd_exp, "invstd")
+    assert np.array_equal(running[0], expected[0]) and np.array_equal(running[1], expected[1])
+    with pytest.raises(ValueError, match="count must be above 1 here, got 1.0"):
+        fastbn.batch_norm_merged_stats(1, mean, m2, running_mean=running[0],
+                                                  running_var=running[1])
+    with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
+        fastbn.batch_norm_merged_stats(5, mean, m2, running_mean=running[0])

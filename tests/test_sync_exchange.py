@@ -203,3 +203,27 @@ def test_import_fastbn_never_imports_mpi4py_and_missing_mpi4py_names_the_extra()
                           timeout=120, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert "pip install 'fastbn[mpi]'" in done.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_rank_gives_batch_norm_bits(dtype, channels_last):
+    def work(comm):
+        rng = np.random.default_rng(3)
+        shape = (6, 5, 7) if not channels_last else (6, 7, 5)
+        sync = fastbn.SyncBatchNorm(5, comm=comm, channels_last=channels_last, dtype=dtype)
+        plain = fastbn.BatchNorm1d(5, channels_last=channels_last, dtype=dtype)
+        outputs = []
+        for module in (sync, plain):
+            module.weight[...] = rng.uniform(0.5, 1.5, 5)
+            x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            outputs.append((module(x), module.backward(dy), module.running_mean,
+                            module.running_var, module.grad_weight, module.grad_bias))
+            rng = np.random.default_rng(3)
+        return outputs
+
+    (sync, plain), = run_ranks(1, work)
+    for name, a, b in zip(("y", "dx", "running_mean", "running_var", "grad_weight",
+                           "grad_bias"), sync, plain):
+        assert a.dtype == b.dtype and np.array_equal(a, b), name

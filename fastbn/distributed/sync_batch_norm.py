@@ -104,16 +104,15 @@ class SyncBatchNorm(_BatchNorm):
             y = V.checked_output(out, x)
             mean = invstd = np.full(n_channels, np.nan)
         else:
-            invstd = F.running_invstd(m2 / count, self.eps)
-            y = F._normalize(x, mean, invstd, weight, bias, self.channels_last, out)
+            factor = 0.0
             if update:
                 factor = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
                           else self.momentum)
-                # The same float64 arithmetic as the kernels' running update (finish_batch_stats).
-                keep = 1.0 - factor
-                running_mean[...] = keep * running_mean.astype(np.float64) + factor * mean
-                running_var[...] = (keep * running_var.astype(np.float64)
-                                    + factor * (m2 / (count - 1.0)))
+            # The global unbiased variance updates the running buffers, identically on every
+            # rank (they all merged the same rows in the same order).
+            invstd = F._merged_stats(count, mean, m2, self.eps, factor,
+                                     running_mean if update else None, running_var)
+            y = F._normalize(x, mean, invstd, weight, bias, self.channels_last, out)
         if update:
             self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, True)

@@ -18,7 +18,7 @@ Everything here is a small @njit helper that the kernels inline; nothing validat
 
 import numpy as np
 
-from .jit import helper, reduction
+from .jit import helper, parallel_kernel, reduction
 
 
 @helper
@@ -246,3 +246,18 @@ def given_grad_coefficients(count, sums, means, invstd, weight, coef):
         coef[1, c] = k_dy
         coef[2, c] = k_x
         coef[3, c] = -k_dy * sums[0, c] / count - k_x * remainder
+
+
+@parallel_kernel
+def finish_merged_moments(count, means, m2s, eps, momentum, update, running_mean, running_var,
+                          save_invstd):
+    """save_invstd and the running update from merged (count, mean, M2), with the arithmetic
+    of finish_batch_stats (so one process gives BatchNorm's bits). Run it serially: it is C
+    scalar updates, far too little for a parallel region."""
+    keep = 1.0 - momentum
+    for c in range(means.shape[0]):
+        save_invstd[c] = inverse_std(m2s[c] / count, eps)
+        if update:
+            running_mean[c] = keep * np.float64(running_mean[c]) + momentum * means[c]
+            running_var[c] = (keep * np.float64(running_var[c])
+                              + momentum * (m2s[c] / (count - 1.0)))
