@@ -9,8 +9,9 @@ Not an asv benchmark (it needs mpiexec); run it under MPI, once per process coun
 Every rank holds the same shard shape (weak scaling, as in data-parallel training). A step is
 forward + backward in training mode. The two kinds of step alternate, each after a barrier,
 so both see the same machine load; the table gives, per shape, the median over steps of the
-slowest rank's time, their ratio, and the float64 bytes each rank contributes to the two
-Allgathers of a step (it receives K times as many).
+slowest rank's time, their ratio, the float64 bytes each rank contributes to the two
+Allgathers of a step (it receives K times as many), and the time of one bare Allgather of a
+forward row (the latency each of the step's two collectives pays at least).
 """
 
 import argparse
@@ -54,7 +55,21 @@ def measure(comm, shape_label, layout, dtype, repeat):
             # The slowest rank sets the pace of a data-parallel step.
             times[name].append(comm.allreduce(elapsed, op=max_op()))
     sent = (sync.exchange.bytes_sent - sent_before) // repeat
-    return np.median(times["sync"]), np.median(times["plain"]), sent
+    return np.median(times["sync"]), np.median(times["plain"]), sent, allgather_time(
+        comm, 2 * n_channels + 2, repeat)
+
+
+def allgather_time(comm, n_values, repeat):
+    """Median time of one bare Allgather of a forward row (the slowest rank's)."""
+    send = np.zeros(n_values)
+    received = np.empty((comm.Get_size(), n_values))
+    times = []
+    for _ in range(repeat + 1):
+        comm.Barrier()
+        start = time.perf_counter()
+        comm.Allgather(send, received)
+        times.append(comm.allreduce(time.perf_counter() - start, op=max_op()))
+    return np.median(times[1:])
 
 
 def max_op():
@@ -80,17 +95,17 @@ def main():
         for layout in args.layouts:
             if layout == "NHWC" and len(shape.split("x")) == 2:
                 continue  # an (N, C) batch has one layout
-            sync, plain, sent = measure(comm, shape, layout, args.dtype, args.repeat)
-            rows.append((shape, layout, sync, plain, sent))
+            rows.append((shape, layout) + measure(comm, shape, layout, args.dtype, args.repeat))
     if comm.Get_rank() == 0:
         print(f"K={comm.Get_size()} processes, {numba.get_num_threads()} Numba thread(s) each, "
               f"{args.dtype}, median of {args.repeat} steps")
         print("| K | shard (N, C, ...) | layout | SyncBatchNorm step | BatchNorm step | ratio "
-              "| bytes sent per rank per step |")
-        print("|---|---|---|---|---|---|---|")
-        for shape, layout, sync, plain, sent in rows:
+              "| bytes sent per rank per step | one bare Allgather |")
+        print("|---|---|---|---|---|---|---|---|")
+        for shape, layout, sync, plain, sent, gather in rows:
             print(f"| {comm.Get_size()} | {shape} | {layout} | {sync * 1e3:.3f} ms "
-                  f"| {plain * 1e3:.3f} ms | {sync / plain:.2f}x | {sent} |")
+                  f"| {plain * 1e3:.3f} ms | {sync / plain:.2f}x | {sent} "
+                  f"| {gather * 1e6:.0f} us |")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,23 @@ def test_sync_batch_norm_under_mpiexec(size, tmp_path):
                 assert f"failed on rank {bad} of {size}" in outcomes[step]["message"]
         assert outcomes["state_unchanged"] and outcomes["backward_after"]
         assert outcomes["later_step_ok"]
+
+
+def readme_example(heading):
+    """The first ```python block after `heading` in README.md, exactly as written there."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+def test_readme_mpi_example_runs_as_written(tmp_path):
+    script = tmp_path / "sync_example.py"
+    script.write_text(readme_example("## Training across processes"))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([mpiexec(), "-hosts", "127.0.0.1", "-n", "3", sys.executable,
+                           str(script)], env=env, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rank, n in ((0, 4), (1, 3), (2, 3)):
+        assert f"rank {rank}: {n} samples, y and gradients match" in done.stdout
