@@ -101,3 +101,29 @@ def test_readme_mpi_example_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     for rank, n in ((0, 4), (1, 3), (2, 3)):
         assert f"rank {rank}: {n} samples, y and gradients match" in done.stdout
+
+
+def test_a_rank_that_dies_ends_the_job_instead_of_hanging(tmp_path):
+    """What the README promises: the survivors block in the collective and mpiexec (Hydra)
+    kills them once it sees a rank exit without finalizing; nothing hangs."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os\n"
+        "import numpy as np\n"
+        "from mpi4py import MPI\n"
+        "import fastbn\n"
+        "comm = MPI.COMM_WORLD\n"
+        "bn = fastbn.SyncBatchNorm(3, comm=comm)\n"
+        "x = np.arange(12, dtype=np.float32).reshape(4, 3)\n"
+        "bn(x)\n"
+        "if comm.Get_rank() == 1:\n"
+        "    os._exit(0)\n"
+        "bn(x)\n"
+        "print('survivor returned', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([mpiexec(), "-hosts", "127.0.0.1", "-n", "3", sys.executable,
+                           str(script)], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+    assert done.returncode != 0
+    assert "survivor returned" not in done.stdout
+    assert "BAD TERMINATION" in done.stdout + done.stderr
