@@ -122,3 +122,13 @@ def channels_last(request):
 def rng(request):
     """A generator seeded from the test's id: fixed data per test, different across tests."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def parallel_twins_regardless_of_load(monkeypatch):
+    """Tests that force the parallel twins must get them even when other work keeps this
+    shared machine's cores busy (which would otherwise send calls to the serial twins; see
+    fastbn.kernels.jit.free_cores). tests/test_load_policy.py tests that choice itself."""
+    import fastbn.kernels.jit
+
+    monkeypatch.setattr(fastbn.kernels.jit, "free_cores", lambda: None)

@@ -18,11 +18,17 @@ that layer:
 - workqueue (Numba's fallback when neither TBB nor OpenMP loads): the parallel twin for one
   thread at a time; a thread that finds the pool busy runs the serial twin, since workqueue
   aborts the process when two threads enter it.
+
+Under load (see ``free_cores``), a call runs on the cores other processes leave free: the
+serial twin when at most one is free. A parallel region ends when its last thread does, so a
+thread that the scheduler has taken off its core stalls the whole region for a time slice
+(4 ms here), once per region a call enters.
 """
 
 import hashlib
 import os
 import threading
+import time
 import types
 from contextlib import contextmanager
 
@@ -114,6 +120,11 @@ class KernelPair:
         """The twin to run for a tensor of n_elements."""
         if n_elements < SERIAL_BELOW_ELEMENTS or not parallel_is_safe():
             return self.serial
+        free = free_cores()
+        if free is not None and free < numba.get_num_threads():
+            if free <= 1:
+                return self.serial
+            return _WithThreads(self.parallel, free)
         if pool_is_exclusive():
             return self._parallel_unless_busy
         return self.parallel
@@ -127,6 +138,58 @@ class KernelPair:
             finally:
                 _pool_lock.release()
         return self.serial(*args)
+
+
+class _WithThreads:
+    """A parallel twin run with fewer threads than Numba's count (restored afterwards); the
+    partition does not depend on the thread count, so neither do the bits."""
+
+    __slots__ = ("kernel", "threads")
+
+    def __init__(self, kernel, threads):
+        self.kernel, self.threads = kernel, threads
+
+    def __call__(self, *args):
+        with num_threads(self.threads):
+            return self.kernel(*args)
+
+
+# How often free_cores looks at the scheduler again: reading /proc costs 10-40 us, so a call
+# never pays it more than once per interval.
+LOAD_SAMPLE_S = 0.05
+_load_sample = [-1.0, None]  # (when, free cores)
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _running_elsewhere():
+    """Runnable threads of other processes right now, from /proc (Linux), or None.
+
+    /proc/loadavg counts every runnable thread on the machine; this process's own (the caller,
+    and OpenMP workers still spinning after the last region) are subtracted, as they are the
+    ones a call would run on.
+    """
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                # The state letter follows the command name, which is in parentheses.
+                own += f.read().rpartition(")")[2].split()[0] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - own)
+
+
+def free_cores():
+    """Cores the scheduler leaves this process, sampled at most every LOAD_SAMPLE_S; None
+    where that cannot be known (no /proc)."""
+    now = time.monotonic()
+    if now - _load_sample[0] >= LOAD_SAMPLE_S:
+        elsewhere = _running_elsewhere()
+        _load_sample[0] = now
+        _load_sample[1] = None if elsewhere is None else max(1, _CORES - elsewhere)
+    return _load_sample[1]
 
 
 def reduction(py_func):
