@@ -12,6 +12,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numpy as np
+
 from . import ops as O
 from . import timing as R
 from .table import format_ratio, format_seconds, markdown_table
@@ -102,5 +104,16 @@ def verdict_lines(results, levels=BUSY_LEVELS):
              if r["torch_slowdown"] and r["fastbn_slowdown"][str(k)]
              > r["torch_slowdown"][str(k)]]
     total = sum(1 for r in results if r["torch_slowdown"]) * len(levels)
-    return ["", f"fastbn slowed down more than torch in {len(worse)} of {total} "
-                "(cell, load) pairs."]
+    lines = ["", f"fastbn slowed down more than torch in {len(worse)} of {total} "
+                 "(cell, load) pairs."]
+    if total:
+        # Slowdowns compare each library with itself; under background load the "alone"
+        # times are contended too, so the time ratio at each level says as much.
+        for level in (0,) + tuple(levels):
+            key = "alone" if level == 0 else str(level)
+            ratios = [r["torch"][key]["median_s"] / r["fastbn"][key]["median_s"]
+                      for r in results if r["torch"]]
+            lines.append(f"- beside {level} busy: time(torch) / time(fastbn) median "
+                         f"{format_ratio(float(np.median(ratios)))}, min "
+                         f"{format_ratio(min(ratios))}")
+    return lines
