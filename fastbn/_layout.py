@@ -125,8 +125,10 @@ class Workspace:
         else:
             self.part_a = self.part_b = None
             self.lanes = np.empty((plan.n_blocks, 2, plan.width), np.float64)
-            self.coef_lanes = np.empty((4, plan.width), dtype)
-        self.coef = np.empty((4, plan.n_channels), dtype)
+            self.coef_lanes = np.empty((6, plan.width), dtype)
+        # Rows: the forward's (shift, alpha, beta), or the backward's (shift, k_dy, k_x, k_0)
+        # and, for the fused ReLU backward, the forward's alpha and beta in rows 4 and 5.
+        self.coef = np.empty((6, plan.n_channels), dtype)
 
 
 _plans = {}

@@ -22,7 +22,8 @@ from ._validate import (as_float_array, channel_vector, check_batch_size, check_
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "channel_moments",
            "merge_moments", "batch_norm_merged_stats", "batch_norm_normalize",
-           "batch_norm_grad_sums", "batch_norm_grad_input"]
+           "batch_norm_grad_sums", "batch_norm_grad_input", "batch_norm_relu",
+           "batch_norm_relu_forward", "batch_norm_relu_backward"]
 
 _ones = {}
 _zeros = {}
@@ -74,6 +75,25 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
     An empty batch (any zero-size dimension) gives an empty y and leaves the running buffers
     untouched, as ``torch.nn.functional.batch_norm`` does; its saved statistics are NaN.
     """
+    return _checked_train_forward(x, weight, bias, eps, running_mean, running_var, momentum,
+                                  channels_last, out, relu=False)
+
+
+def batch_norm_relu_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None,
+                            running_var=None, momentum=0.1, channels_last=False, out=None):
+    """:func:`batch_norm_forward` followed by ReLU, in the same single normalize pass.
+
+    Returns ``(y, save_mean, save_invstd)`` with ``y = max(0, batch_norm(x))`` (NaN stays NaN,
+    as in torch.relu); the statistics and the running update are batch_norm_forward's.
+    :func:`batch_norm_relu_backward` recomputes the ReLU mask from x and the saved
+    statistics, so nothing but those is kept for the backward.
+    """
+    return _checked_train_forward(x, weight, bias, eps, running_mean, running_var, momentum,
+                                  channels_last, out, relu=True)
+
+
+def _checked_train_forward(x, weight, bias, eps, running_mean, running_var, momentum,
+                           channels_last, out, relu):
     x = as_float_array(x)
     n_channels = x.shape[-1 if channels_last else 1] if x.ndim >= 2 else 0
     check_channels(x, n_channels, channels_last)
@@ -88,12 +108,13 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, running_mean=None
     eps = check_eps(eps)
     momentum = check_momentum(momentum)
     return _batch_stats_forward(x, channels_last, weight, bias, eps, momentum,
-                                running_mean if update else None, running_var, out)
+                                running_mean if update else None, running_var, out, relu)
 
 
 def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_mean,
-                         running_var, out):
-    """batch_norm_forward after validation; running buffers are updated unless None."""
+                         running_var, out, relu=False):
+    """batch_norm_forward (batch_norm_relu_forward with relu) after validation; running
+    buffers are updated unless None."""
     n_channels = x.shape[-1 if channels_last else 1]
     if x.size == 0:
         y = checked_output(out, x)
@@ -114,22 +135,23 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
         short.train_forward_nchw_short.select(x.size)(
             plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
             plan.sample_block, plan.channel_block, ws.lanes, save_mean, save_invstd, ws.coef,
-            plan.view(y))
+            relu, plan.view(y))
     elif plan.kind == "planes":
         kernel = _planes_kernel(planes.train_forward_nchw_by_channel,
                                 planes.train_forward_nchw_by_block, plan, x.size)
         kernel(plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
                plan.group, plan.chunk, ws.part_a, ws.part_b, save_mean, save_invstd, ws.coef,
-               plan.view(y))
+               relu, plan.view(y))
     else:
         rows.train_forward_nhwc.select(x.size)(
             plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
             running_var, plan.block_rows, plan.interleave_rows(x.itemsize), ws.lanes, save_mean,
-            save_invstd, ws.coef, ws.coef_lanes, plan.view(y))
+            save_invstd, ws.coef, ws.coef_lanes, relu, plan.view(y))
     return y, save_mean, save_invstd
 
 
-def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out):
+def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out,
+                  relu=False):
     x = contiguous(x)
     y = new_or_checked_output(out, x, allow_same=True)
     if x.size == 0:
@@ -140,15 +162,15 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last
     if plan.kind == "short":
         short.eval_forward_nchw_short.select(x.size)(
             plan.view(x), running_mean, running_var, weight, bias, eps, plan.sample_block,
-            plan.channel_block, ws.coef, plan.view(y))
+            plan.channel_block, ws.coef, relu, plan.view(y))
     elif plan.kind == "planes":
         planes.eval_forward_nchw.select(x.size)(plan.view(x), running_mean, running_var, weight,
                                                 bias, eps, plan.group, plan.chunk, ws.coef,
-                                                plan.view(y))
+                                                relu, plan.view(y))
     else:
         rows.eval_forward_nhwc.select(x.size)(plan.view(x), plan.n_channels, running_mean,
                                               running_var, weight, bias, eps, plan.block_rows,
-                                              ws.coef, ws.coef_lanes[:3], plan.view(y))
+                                              ws.coef, ws.coef_lanes[:3], relu, plan.view(y))
     return y
 
 
@@ -159,10 +181,23 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     With ``training=True`` the batch statistics normalize x and the running buffers (when not
     None) are updated in place. With ``training=False`` the running statistics normalize x.
     """
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       channels_last, out, relu=False)
+
+
+def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5, *, channels_last=False, out=None):
+    """:func:`batch_norm` followed by ReLU, in the same single normalize pass:
+    ``max(0, batch_norm(...))``, as ``torch.relu(F.batch_norm(...))``."""
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       channels_last, out, relu=True)
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                channels_last, out, relu):
     if training:
-        return batch_norm_forward(x, weight, bias, eps, running_mean=running_mean,
-                                  running_var=running_var, momentum=momentum,
-                                  channels_last=channels_last, out=out)[0]
+        return _checked_train_forward(x, weight, bias, eps, running_mean, running_var,
+                                      momentum, channels_last, out, relu)[0]
     x = as_float_array(x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
@@ -174,7 +209,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     weight = channel_vector(weight, n_channels, "weight")
     bias = channel_vector(bias, n_channels, "bias")
     return _eval_forward(x, running_mean, running_var, weight, bias, check_eps(eps),
-                         channels_last, out)
+                         channels_last, out, relu)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -189,6 +224,27 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     the gradient of a fixed affine map. grad_weight is ``sum(dy * (x - mean)) * invstd`` and
     grad_bias is ``sum(dy)``, both per channel; they have weight's dtype (x's if weight is None).
     """
+    return _backward(dy, x, mean, invstd, weight, None, training, channels_last, out,
+                     relu=False)
+
+
+def batch_norm_relu_backward(dy, x, mean, invstd, weight=None, bias=None, *, training=True,
+                             channels_last=False, out=None):
+    """Gradients of ``max(0, batch_norm(x))``: ``(dx, grad_weight, grad_bias)``.
+
+    As :func:`batch_norm_backward` for dy masked by the ReLU, with the mask recomputed from x,
+    ``mean``, ``invstd``, ``weight`` and ``bias`` inside the backward's own two passes; pass
+    the forward's bias (None if it had none). The gradient is 0 where the normalized value is
+    exactly 0, as torch.relu's. The recomputed values are the forward's to the bit when
+    ``mean`` and ``invstd`` are what it normalized with: its ``save_mean`` and
+    ``save_invstd`` in training, and in eval the running mean as float64 and
+    :func:`running_invstd` of the running variance.
+    """
+    return _backward(dy, x, mean, invstd, weight, bias, training, channels_last, out,
+                     relu=True)
+
+
+def _backward(dy, x, mean, invstd, weight, bias, training, channels_last, out, relu):
     x = as_float_array(x)
     dy = as_float_array(dy, "dy")
     if x.ndim < 2:
@@ -201,6 +257,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     mean = channel_vector(mean, n_channels, "mean")
     invstd = channel_vector(invstd, n_channels, "invstd")
     weight = channel_vector(weight, n_channels, "weight")
+    bias = channel_vector(bias, n_channels, "bias")
     param_dtype = weight.dtype if weight is not None else x.dtype
     x = contiguous(x)
     dy = contiguous(dy)
@@ -215,33 +272,34 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     if x.size == 0:
         return dx, grad_weight, grad_bias
     plan = plan_for(x.shape, channels_last)
-    weight, _ = _params(weight, None, n_channels, x.dtype)
+    weight, bias = _params(weight, bias, n_channels, x.dtype)
     mean = mean.astype(np.float64, copy=False)
     invstd = invstd.astype(np.float64, copy=False)
     ws = workspace_for(plan, x.dtype)
     if plan.kind == "short":
         pair = short.train_backward_nchw_short if training else short.eval_backward_nchw_short
-        pair.select(x.size)(plan.view(dy), plan.view(x), mean, invstd, weight, plan.sample_block,
-                            plan.channel_block, ws.lanes, ws.coef, grad_weight, grad_bias,
-                            plan.view(dx))
+        pair.select(x.size)(plan.view(dy), plan.view(x), mean, invstd, weight, bias,
+                            plan.sample_block, plan.channel_block, ws.lanes, ws.coef,
+                            grad_weight, grad_bias, relu, plan.view(dx))
     elif plan.kind == "planes":
         if training:
             kernel = _planes_kernel(planes.train_backward_nchw_by_channel,
                                     planes.train_backward_nchw_by_block, plan, x.size)
         else:
             kernel = planes.eval_backward_nchw.select(x.size)
-        kernel(plan.view(dy), plan.view(x), mean, invstd, weight, plan.group, plan.chunk,
-               ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, plan.view(dx))
+        kernel(plan.view(dy), plan.view(x), mean, invstd, weight, bias, plan.group, plan.chunk,
+               ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, relu, plan.view(dx))
     else:
         if training:
             rows.train_backward_nhwc.select(x.size)(
-                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, plan.block_rows,
-                plan.interleave_rows(x.itemsize, n_inputs=2), ws.lanes, ws.coef, ws.coef_lanes,
-                grad_weight, grad_bias, plan.view(dx))
+                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, bias,
+                plan.block_rows, plan.interleave_rows(x.itemsize, n_inputs=2), ws.lanes, ws.coef,
+                ws.coef_lanes, grad_weight, grad_bias, relu, plan.view(dx))
         else:
             rows.eval_backward_nhwc.select(x.size)(
-                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, plan.block_rows,
-                ws.lanes, ws.coef, ws.coef_lanes, grad_weight, grad_bias, plan.view(dx))
+                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, bias,
+                plan.block_rows, ws.lanes, ws.coef, ws.coef_lanes, grad_weight, grad_bias, relu,
+                plan.view(dx))
     return dx, grad_weight, grad_bias
 
 

@@ -84,6 +84,36 @@ def make_running(rng, n_channels, dtype):
     return mean.astype(dtype), var.astype(dtype)
 
 
+def kinked_input(rng, shape, dtype, channels_last=False, center=None):
+    """(x, center, spread): values of channel c lie in center + spread * [k + 0.2, k + 0.8] for
+    integers k in [-4, 4), so no value is within 0.2 * spread of center + spread * j for any
+    integer j. Samples come in mirrored pairs (N must be even), so each channel's mean is its
+    center up to rounding. A ReLU kink placed in such a gap (see kink_bias) is far from every
+    value: the float64 reference's mask is then the only right one."""
+    assert shape[0] % 2 == 0, "kinked_input mirrors samples in pairs"
+    n_channels = shape[1]
+    per_channel = (1, -1) + (1,) * (len(shape) - 2)
+    if center is None:
+        center = rng.uniform(-3.0, 3.0, n_channels)
+    spread = rng.uniform(0.5, 2.0, n_channels)
+    half = (shape[0] // 2,) + tuple(shape[1:])
+    v = rng.integers(-4, 4, half) + 0.5 + rng.uniform(-0.3, 0.3, half)
+    x = (np.asarray(center, np.float64).reshape(per_channel)
+         + spread.reshape(per_channel) * np.concatenate([v, -v]))
+    if channels_last and len(shape) > 2:
+        x = np.moveaxis(x, 1, -1)
+    return np.ascontiguousarray(x, dtype=dtype), np.asarray(center, np.float64), spread
+
+
+def kink_bias(rng, weight, mean, invstd, center, spread, dtype):
+    """A bias that puts the kink of relu((x - mean) * invstd * weight + bias) at
+    center + spread * j for a random integer j per channel: in a gap of kinked_input."""
+    n_channels = len(center)
+    weight = np.ones(n_channels) if weight is None else np.asarray(weight, np.float64)
+    target = center + spread * rng.integers(-2, 3, n_channels)
+    return (-weight * np.asarray(invstd, np.float64) * (target - mean)).astype(dtype)
+
+
 MEMORY_KINDS = ["contiguous", "strided", "fortran", "readonly"]
 
 

@@ -201,6 +201,35 @@ def backward_scales(dy, x, mean, invstd, weight=None, channels_last=False, train
     return dx_scale, np.abs(dyc * xhat).sum(axis=axes), np.abs(dyc).sum(axis=axes)
 
 
+# ----------------------------------------------------------------------------- ReLU
+
+def relu(y):
+    """max(y, 0) with NaN kept, as torch.relu."""
+    y = np.asarray(y, np.float64)
+    return np.where(y <= 0.0, 0.0, y)
+
+
+def relu_mask(pre):
+    """Where ReLU passes the gradient: above 0 or NaN; 0 exactly is masked (torch.relu)."""
+    return ~(np.asarray(pre, np.float64) <= 0.0)
+
+
+def relu_backward_train(dy, x, weight=None, bias=None, eps=1e-5, channels_last=False):
+    """(dx, grad_weight, grad_bias) of relu(batch norm) through the batch statistics: the
+    batch-norm gradient of dy masked where the float64 pre-activation is not above 0."""
+    pre = forward_train(x, weight, bias, eps, channels_last)[0]
+    masked = np.where(relu_mask(pre), np.asarray(dy, np.float64), 0.0)
+    return backward_train(masked, x, weight, eps, channels_last)
+
+
+def relu_backward_eval(dy, x, running_mean, running_var, weight=None, bias=None, eps=1e-5,
+                       channels_last=False):
+    """(dx, grad_weight, grad_bias) of relu of the eval-mode affine map."""
+    pre = forward_eval(x, running_mean, running_var, weight, bias, eps, channels_last)
+    masked = np.where(relu_mask(pre), np.asarray(dy, np.float64), 0.0)
+    return backward_eval(masked, x, running_mean, running_var, weight, eps, channels_last)
+
+
 # ----------------------------------------------------------------------------- module
 
 class ReferenceBatchNorm:

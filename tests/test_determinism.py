@@ -37,10 +37,22 @@ def run_everything(x, dy, weight, bias, running, channels_last):
         dy, x, running[0].astype(np.float64), eval_invstd, weight, training=False,
         channels_last=channels_last)
     count, m_mean, m2 = fastbn.channel_moments(x, channels_last=channels_last)
+    # The fused BatchNorm + ReLU kernels: forward, backward, eval forward and eval backward.
+    y_relu, _, _ = fastbn.batch_norm_relu_forward(x, weight, bias, channels_last=channels_last)
+    dx_relu, gw_relu, gb_relu = fastbn.batch_norm_relu_backward(
+        dy, x, mean, invstd, weight, bias, channels_last=channels_last)
+    y_relu_eval = fastbn.batch_norm_relu(x, running[0], running[1], weight, bias, False,
+                                         channels_last=channels_last)
+    dx_relu_eval, gw_relu_eval, gb_relu_eval = fastbn.batch_norm_relu_backward(
+        dy, x, running[0].astype(np.float64), eval_invstd, weight, bias, training=False,
+        channels_last=channels_last)
     return dict(y=y, save_mean=mean, save_invstd=invstd, running_mean=running_mean,
                 running_var=running_var, dx=dx, grad_weight=gw, grad_bias=gb, y_eval=y_eval,
                 dx_eval=dx_eval, grad_weight_eval=gw_eval, grad_bias_eval=gb_eval, count=count,
-                moments_mean=m_mean, moments_m2=m2)
+                moments_mean=m_mean, moments_m2=m2, y_relu=y_relu, dx_relu=dx_relu,
+                grad_weight_relu=gw_relu, grad_bias_relu=gb_relu, y_relu_eval=y_relu_eval,
+                dx_relu_eval=dx_relu_eval, grad_weight_relu_eval=gw_relu_eval,
+                grad_bias_relu_eval=gb_relu_eval)
 
 
 def case(shape, dtype, channels_last, seed_key):

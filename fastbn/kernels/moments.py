@@ -72,6 +72,31 @@ def run_eval_grad(dy, x, dx, shift, alpha):
     return sum_dy, sum_dy_dev
 
 
+@reduction
+def run_relu_grad_sums(dy, x, shift, alpha, beta):
+    """run_grad_sums of the ReLU-masked dy (see relu_masked)."""
+    sum_dy = 0.0
+    sum_dy_dev = 0.0
+    for i in range(x.size):
+        grad = np.float64(relu_masked(dy[i], x[i], shift, alpha, beta))
+        sum_dy += grad
+        sum_dy_dev += grad * np.float64(x[i] - shift)
+    return sum_dy, sum_dy_dev
+
+
+@reduction
+def run_relu_eval_grad(dy, x, dx, shift, alpha, mask_alpha, mask_beta):
+    """run_eval_grad of the ReLU-masked dy; mask_alpha and mask_beta are the forward's."""
+    sum_dy = 0.0
+    sum_dy_dev = 0.0
+    for i in range(x.size):
+        grad = relu_masked(dy[i], x[i], shift, mask_alpha, mask_beta)
+        dx[i] = grad * alpha
+        sum_dy += np.float64(grad)
+        sum_dy_dev += np.float64(grad) * np.float64(x[i] - shift)
+    return sum_dy, sum_dy_dev
+
+
 @helper
 def shifted_moments(shift, count, sum_d, sum_d2):
     """(mean, M2) of a block from its sums of d = x - shift and d**2."""
@@ -142,6 +167,17 @@ def inverse_std(var, eps):
     return 1.0 / np.sqrt(var + eps)
 
 
+@helper
+def store_affine(coef, c, alpha_row, mean, alpha, bias):
+    """coef[0, c] = shift, coef[alpha_row, c] = alpha, coef[alpha_row + 1, c] = beta, for
+    y = (x - shift) * alpha + beta with shift the mean rounded by the store to the coefficient
+    dtype and the rounding error moved into beta (see finish_batch_stats). The one place this
+    formula lives: forwards and the fused ReLU backward's mask must compute the same bits."""
+    coef[0, c] = mean
+    coef[alpha_row, c] = alpha
+    coef[alpha_row + 1, c] = np.float64(bias) - (mean - np.float64(coef[0, c])) * alpha
+
+
 # The finishing helpers loop over a range of channels themselves. Numba increfs and decrefs
 # every array passed to a helper, with atomic operations; called once per channel, that cost
 # 40 ns a channel, more than the arithmetic (and most of a (128, 1024) training step).
@@ -168,21 +204,60 @@ def finish_batch_stats(c0, c1, count, means, m2s, eps, momentum, update, running
         if update:
             running_mean[c] = keep * np.float64(running_mean[c]) + momentum * mean
             running_var[c] = keep * np.float64(running_var[c]) + momentum * (m2 / (count - 1.0))
-        alpha = np.float64(weight[c]) * invstd
-        coef[0, c] = mean  # the store rounds to the input dtype
-        coef[1, c] = alpha
-        coef[2, c] = np.float64(bias[c]) - (mean - np.float64(coef[0, c])) * alpha
+        store_affine(coef, c, 1, mean, np.float64(weight[c]) * invstd, bias[c])
 
 
 @helper
 def eval_coefficients(running_mean, running_var, weight, bias, eps, coef):
     """coef[:, c] = (shift, alpha, beta) from the running statistics, as in finish_batch_stats."""
     for c in range(coef.shape[1]):
-        mean = np.float64(running_mean[c])
         alpha = np.float64(weight[c]) * inverse_std(np.float64(running_var[c]), eps)
-        coef[0, c] = mean
-        coef[1, c] = alpha
-        coef[2, c] = np.float64(bias[c]) - (mean - np.float64(coef[0, c])) * alpha
+        store_affine(coef, c, 1, np.float64(running_mean[c]), alpha, bias[c])
+
+
+@helper
+def relu_mask_coefficients(c0, c1, means, invstd, weight, bias, coef):
+    """coef[0, c], coef[4, c], coef[5, c] = the forward's (shift, alpha, beta) for channels
+    [c0, c1), rebuilt from the statistics it normalized with (saved batch statistics, or the
+    running mean and running_invstd in eval), so that the backward's recomputed
+    pre-activation has the forward's bits and its ReLU mask is the forward's exactly."""
+    for c in range(c0, c1):
+        store_affine(coef, c, 4, means[c], np.float64(weight[c]) * invstd[c], bias[c])
+
+
+@helper
+def relu_masked(grad, x, shift, alpha, beta):
+    """grad where the pre-activation (x - shift) * alpha + beta is above 0 (or NaN, which
+    ReLU passes on), else 0: torch.relu's gradient, which is 0 at exactly 0. A select, not a
+    product, so an inf or NaN grad in a masked element gives 0 as in torch."""
+    if (x - shift) * alpha + beta <= 0:
+        return type(grad)(0)
+    return grad
+
+
+@helper
+def grad_or_masked(relu, grad, x, shift, alpha, beta):
+    """relu_masked(grad, ...) when relu, else grad: the one switch between the plain and the
+    fused backward inside a loop (LLVM hoists the loop-invariant test)."""
+    if relu:
+        return relu_masked(grad, x, shift, alpha, beta)
+    return grad
+
+
+@helper
+def output_value(relu, value):
+    """relu_value(value) when relu, else value: the forward's switch, as grad_or_masked."""
+    if relu:
+        return relu_value(value)
+    return value
+
+
+@helper
+def relu_value(value):
+    """max(value, 0) with NaN passed on, as torch.relu; -0.0 and 0.0 both give 0.0."""
+    if value <= 0:
+        return type(value)(0)
+    return value
 
 
 @helper
@@ -217,11 +292,7 @@ def given_stats_coefficients(means, invstd, weight, bias, coef):
     """coef[:, c] = (shift, alpha, beta) from given float64 mean and invstd, exactly as
     finish_batch_stats derives them from the batch's own."""
     for c in range(coef.shape[1]):
-        mean = means[c]
-        alpha = np.float64(weight[c]) * invstd[c]
-        coef[0, c] = mean
-        coef[1, c] = alpha
-        coef[2, c] = np.float64(bias[c]) - (mean - np.float64(coef[0, c])) * alpha
+        store_affine(coef, c, 1, means[c], np.float64(weight[c]) * invstd[c], bias[c])
 
 
 @helper

@@ -20,8 +20,9 @@ from numba import prange
 from .jit import helper, parallel_kernel
 from .moments import (centered_grad_sums, chan_merge, eval_coefficients, finish_batch_stats,
                        finish_grads, finite_or_zero, given_grad_coefficients,
-                       given_stats_coefficients, run_eval_grad, run_grad_sums, run_moment_sums,
-                       shifted_moments)
+                       given_stats_coefficients, grad_or_masked, output_value,
+                       relu_mask_coefficients, run_eval_grad, run_grad_sums, run_moment_sums,
+                       run_relu_eval_grad, run_relu_grad_sums, shifted_moments)
 
 
 @helper
@@ -76,44 +77,57 @@ def merge_channels(part_mean, part_m2, c0, c1, group, chunk, n_batch, length):
 
 
 @helper
-def affine_item(x, y, c, n0, n1, lo, hi, shift, alpha, beta):
+def affine_item(x, y, c, n0, n1, lo, hi, shift, alpha, beta, relu):
+    """y = (x - shift) * alpha + beta, or its ReLU when relu, over one item."""
     for n in range(n0, n1):
         src = x[n, c, lo:hi]
         dst = y[n, c, lo:hi]
         for i in range(src.size):
-            dst[i] = (src[i] - shift) * alpha + beta
+            dst[i] = output_value(relu, (src[i] - shift) * alpha + beta)
 
 
 @helper
-def grad_sums_item(dy, x, c, n0, n1, lo, hi, shift):
-    """(sum(dy), sum(dy * (x - shift))) over one item, accumulated in float64."""
+def grad_sums_item(dy, x, c, n0, n1, lo, hi, shift, relu, alpha, beta):
+    """(sum(dy), sum(dy * (x - shift))) over one item, accumulated in float64; with relu, of
+    dy masked by the forward's ReLU (alpha and beta are the forward's)."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
     for n in range(n0, n1):
-        run_dy, run_dy_dev = run_grad_sums(dy[n, c, lo:hi], x[n, c, lo:hi], shift)
+        if relu:
+            run_dy, run_dy_dev = run_relu_grad_sums(dy[n, c, lo:hi], x[n, c, lo:hi], shift,
+                                                    alpha, beta)
+        else:
+            run_dy, run_dy_dev = run_grad_sums(dy[n, c, lo:hi], x[n, c, lo:hi], shift)
         sum_dy += run_dy
         sum_dy_dev += run_dy_dev
     return sum_dy, sum_dy_dev
 
 
 @helper
-def grad_input_item(dy, x, dx, c, n0, n1, lo, hi, shift, k_dy, k_x, k_0):
+def grad_input_item(dy, x, dx, c, n0, n1, lo, hi, shift, k_dy, k_x, k_0, relu, alpha, beta):
     for n in range(n0, n1):
         grad = dy[n, c, lo:hi]
         src = x[n, c, lo:hi]
         dst = dx[n, c, lo:hi]
         for i in range(src.size):
-            dst[i] = grad[i] * k_dy + (src[i] - shift) * k_x + k_0
+            masked = grad_or_masked(relu, grad[i], src[i], shift, alpha, beta)
+            dst[i] = masked * k_dy + (src[i] - shift) * k_x + k_0
 
 
 @helper
-def eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, shift, alpha):
-    """dx = dy * alpha, and the sums for the parameter gradients, in one pass."""
+def eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, shift, alpha, relu, mask_alpha, mask_beta):
+    """dx = dy * alpha, and the sums for the parameter gradients, in one pass; with relu, of
+    dy masked by the forward's ReLU."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
     for n in range(n0, n1):
-        run_dy, run_dy_dev = run_eval_grad(dy[n, c, lo:hi], x[n, c, lo:hi], dx[n, c, lo:hi],
-                                           shift, alpha)
+        if relu:
+            run_dy, run_dy_dev = run_relu_eval_grad(dy[n, c, lo:hi], x[n, c, lo:hi],
+                                                    dx[n, c, lo:hi], shift, alpha, mask_alpha,
+                                                    mask_beta)
+        else:
+            run_dy, run_dy_dev = run_eval_grad(dy[n, c, lo:hi], x[n, c, lo:hi],
+                                               dx[n, c, lo:hi], shift, alpha)
         sum_dy += run_dy
         sum_dy_dev += run_dy_dev
     return sum_dy, sum_dy_dev
@@ -159,7 +173,8 @@ def moments_nchw(x, group, chunk, part_mean, part_m2, count, mean, m2):
 
 @parallel_kernel
 def train_forward_nchw_by_block(x, weight, bias, eps, momentum, update, running_mean, running_var,
-                                group, chunk, part_mean, part_m2, save_mean, save_invstd, coef, y):
+                                group, chunk, part_mean, part_m2, save_mean, save_invstd, coef,
+                                relu, y):
     n_batch, n_channels, length = x.shape
     n_chunks = (length + chunk - 1) // chunk
     n_items = n_channels * part_mean.shape[1]
@@ -175,13 +190,13 @@ def train_forward_nchw_by_block(x, weight, bias, eps, momentum, update, running_
     for item in prange(n_items):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
-        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c])
+        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c], relu)
 
 
 @parallel_kernel
 def train_forward_nchw_by_channel(x, weight, bias, eps, momentum, update, running_mean,
                                   running_var, group, chunk, part_mean, part_m2, save_mean,
-                                  save_invstd, coef, y):
+                                  save_invstd, coef, relu, y):
     n_batch, n_channels, length = x.shape
     for c in prange(n_channels):
         for j in range(part_mean.shape[1]):
@@ -191,11 +206,12 @@ def train_forward_nchw_by_channel(x, weight, bias, eps, momentum, update, runnin
         finish_batch_stats(c, c + 1, count, part_mean[:, 0], part_m2[:, 0], eps, momentum,
                            update, running_mean, running_var, weight, bias, save_mean,
                            save_invstd, coef)
-        affine_item(x, y, c, 0, n_batch, 0, length, coef[0, c], coef[1, c], coef[2, c])
+        affine_item(x, y, c, 0, n_batch, 0, length, coef[0, c], coef[1, c], coef[2, c], relu)
 
 
 @parallel_kernel
-def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, group, chunk, coef, y):
+def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, group, chunk, coef, relu,
+                      y):
     n_batch, n_channels, length = x.shape
     n_chunks = (length + chunk - 1) // chunk
     items_per_channel = ((n_batch + group - 1) // group) * n_chunks
@@ -203,22 +219,27 @@ def eval_forward_nchw(x, running_mean, running_var, weight, bias, eps, group, ch
     for item in prange(n_channels * items_per_channel):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
-        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c])
+        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c], relu)
 
 
 @parallel_kernel
-def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, group, chunk, part_a,
-                                 part_b, coef, grad_weight, grad_bias, dx):
+def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, bias, group, chunk,
+                                 part_a, part_b, coef, grad_weight, grad_bias, relu, dx):
+    """The gradient through the batch statistics; with relu, of ReLU(batch norm), bias being
+    the forward's (read for the mask only)."""
     n_batch, n_channels, length = x.shape
     n_chunks = (length + chunk - 1) // chunk
     n_items = n_channels * part_a.shape[1]
     count = np.float64(n_batch * length)
     for c in range(n_channels):
         coef[0, c] = save_mean[c]
+    if relu:
+        relu_mask_coefficients(0, n_channels, save_mean, save_invstd, weight, bias, coef)
     for item in prange(n_items):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
-        part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
+        part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c], relu,
+                                                    coef[4, c], coef[5, c])
     sum_channels(part_a, part_b, 0, n_channels)
     finish_grads(0, n_channels, count, part_a[:, 0], part_b[:, 0], save_mean, save_invstd,
                  weight, grad_weight, grad_bias, coef)
@@ -226,40 +247,46 @@ def train_backward_nchw_by_block(dy, x, save_mean, save_invstd, weight, group, c
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
         grad_input_item(dy, x, dx, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c],
-                        coef[3, c])
+                        coef[3, c], relu, coef[4, c], coef[5, c])
 
 
 @parallel_kernel
-def train_backward_nchw_by_channel(dy, x, save_mean, save_invstd, weight, group, chunk, part_a,
-                                   part_b, coef, grad_weight, grad_bias, dx):
+def train_backward_nchw_by_channel(dy, x, save_mean, save_invstd, weight, bias, group, chunk,
+                                   part_a, part_b, coef, grad_weight, grad_bias, relu, dx):
     n_batch, n_channels, length = x.shape
     count = np.float64(n_batch * length)
     for c in prange(n_channels):
         coef[0, c] = save_mean[c]
+        if relu:
+            relu_mask_coefficients(c, c + 1, save_mean, save_invstd, weight, bias, coef)
         for j in range(part_a.shape[1]):
             n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
-            part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
+            part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c],
+                                                        relu, coef[4, c], coef[5, c])
         sum_channels(part_a, part_b, c, c + 1)
         finish_grads(c, c + 1, count, part_a[:, 0], part_b[:, 0], save_mean, save_invstd,
                      weight, grad_weight, grad_bias, coef)
         grad_input_item(dy, x, dx, c, 0, n_batch, 0, length, coef[0, c], coef[1, c], coef[2, c],
-                        coef[3, c])
+                        coef[3, c], relu, coef[4, c], coef[5, c])
 
 
 @parallel_kernel
-def eval_backward_nchw(dy, x, mean, invstd, weight, group, chunk, part_a, part_b, coef,
-                       grad_weight, grad_bias, dx):
-    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass."""
+def eval_backward_nchw(dy, x, mean, invstd, weight, bias, group, chunk, part_a, part_b, coef,
+                       grad_weight, grad_bias, relu, dx):
+    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass;
+    with relu, of ReLU(y)."""
     n_batch, n_channels, length = x.shape
     n_chunks = (length + chunk - 1) // chunk
     for c in range(n_channels):
         coef[0, c] = mean[c]
         coef[1, c] = np.float64(weight[c]) * invstd[c]
+    if relu:
+        relu_mask_coefficients(0, n_channels, mean, invstd, weight, bias, coef)
     for item in prange(n_channels * part_a.shape[1]):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
         part_a[c, j], part_b[c, j] = eval_grad_item(dy, x, dx, c, n0, n1, lo, hi, coef[0, c],
-                                                    coef[1, c])
+                                                    coef[1, c], relu, coef[4, c], coef[5, c])
     sum_channels(part_a, part_b, 0, n_channels)
     for c in range(n_channels):
         sum_dy = part_a[c, 0]
@@ -280,7 +307,7 @@ def normalize_nchw(x, mean, invstd, weight, bias, group, chunk, coef, y):
     for item in prange(n_channels * items_per_channel):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
-        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c])
+        affine_item(x, y, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c], False)
 
 
 @parallel_kernel
@@ -293,7 +320,8 @@ def grad_sums_nchw(dy, x, mean, group, chunk, part_a, part_b, coef, sums):
     for item in prange(n_channels * part_a.shape[1]):
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
-        part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c])
+        part_a[c, j], part_b[c, j] = grad_sums_item(dy, x, c, n0, n1, lo, hi, coef[0, c],
+                                                    False, coef[0, c], coef[0, c])
     sum_channels(part_a, part_b, 0, n_channels)
     centered_grad_sums(mean, coef, part_a[:, 0], part_b[:, 0], sums)
 
@@ -309,4 +337,4 @@ def grad_input_nchw(dy, x, mean, invstd, weight, count, sums, group, chunk, coef
         c, j = item_of(item, n_channels, n_chunks)
         n0, n1, lo, hi = item_extent(j, group, chunk, n_batch, length)
         grad_input_item(dy, x, dx, c, n0, n1, lo, hi, coef[0, c], coef[1, c], coef[2, c],
-                        coef[3, c])
+                        coef[3, c], False, coef[0, c], coef[0, c])

@@ -15,8 +15,9 @@ from numba import prange
 from .jit import helper, parallel_kernel
 from .moments import (centered_grad_sums, eval_coefficients, finish_batch_stats, finish_grads,
                        finite_or_zero, given_grad_coefficients, given_stats_coefficients,
-                       merge_parts, run_eval_grad, run_grad_sums, run_moment_sums,
-                       shifted_moments)
+                       grad_or_masked, merge_parts, output_value, relu_mask_coefficients,
+                       run_eval_grad, run_grad_sums, run_moment_sums, run_relu_eval_grad,
+                       run_relu_grad_sums, shifted_moments)
 
 
 @helper
@@ -55,28 +56,37 @@ def item_moments(x, n0, n1, c0, c1, part):
 
 
 @helper
-def affine_item(x, y, n0, n1, c0, c1, coef):
+def affine_item(x, y, n0, n1, c0, c1, coef, relu):
+    """y = (x - shift) * alpha + beta, or its ReLU when relu, over one item."""
     for n in range(n0, n1):
         for c in range(c0, c1):
             src = x[n, c]
             dst = y[n, c]
             shift, alpha, beta = coef[0, c], coef[1, c], coef[2, c]
             for i in range(src.size):
-                dst[i] = (src[i] - shift) * alpha + beta
+                dst[i] = output_value(relu, (src[i] - shift) * alpha + beta)
 
 
 @helper
-def grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, part, fuse_eval_dx):
+def grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, part, fuse_eval_dx, relu):
     """Per-channel sum(dy) and sum(dy * (x - shift)) into part[0, c] and part[1, c]; with
-    fuse_eval_dx, also dx = dy * alpha in the same pass (the eval-mode gradient)."""
+    fuse_eval_dx, also dx = dy * alpha in the same pass (the eval-mode gradient); with relu,
+    of dy masked by the forward's ReLU (coef[4] and coef[5] are the forward's alpha, beta)."""
     for c in range(c0, c1):
         part[0, c] = 0.0
         part[1, c] = 0.0
     for n in range(n0, n1):
         for c in range(c0, c1):
-            if fuse_eval_dx:
+            if fuse_eval_dx and relu:
+                run_dy, run_dy_dev = run_relu_eval_grad(dy[n, c], x[n, c], dx[n, c],
+                                                        coef[0, c], coef[1, c], coef[4, c],
+                                                        coef[5, c])
+            elif fuse_eval_dx:
                 run_dy, run_dy_dev = run_eval_grad(dy[n, c], x[n, c], dx[n, c], coef[0, c],
                                                    coef[1, c])
+            elif relu:
+                run_dy, run_dy_dev = run_relu_grad_sums(dy[n, c], x[n, c], coef[0, c],
+                                                        coef[4, c], coef[5, c])
             else:
                 run_dy, run_dy_dev = run_grad_sums(dy[n, c], x[n, c], coef[0, c])
             part[0, c] += run_dy
@@ -84,15 +94,17 @@ def grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, part, fuse_eval_dx):
 
 
 @helper
-def grad_input_item(dy, x, dx, n0, n1, c0, c1, coef):
+def grad_input_item(dy, x, dx, n0, n1, c0, c1, coef, relu):
     for n in range(n0, n1):
         for c in range(c0, c1):
             grad = dy[n, c]
             src = x[n, c]
             dst = dx[n, c]
             shift, k_dy, k_x, k_0 = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
+            alpha, beta = coef[4, c], coef[5, c]
             for i in range(src.size):
-                dst[i] = grad[i] * k_dy + (src[i] - shift) * k_x + k_0
+                masked = grad_or_masked(relu, grad[i], src[i], shift, alpha, beta)
+                dst[i] = masked * k_dy + (src[i] - shift) * k_x + k_0
 
 
 @helper
@@ -122,7 +134,8 @@ def moments_nchw_short(x, sample_block, channel_block, parts, count, mean, m2):
 
 @parallel_kernel
 def train_forward_nchw_short(x, weight, bias, eps, momentum, update, running_mean, running_var,
-                             sample_block, channel_block, parts, save_mean, save_invstd, coef, y):
+                             sample_block, channel_block, parts, save_mean, save_invstd, coef,
+                             relu, y):
     n_batch, n_channels, length = x.shape
     items = n_items(sample_block, channel_block, n_batch, n_channels)
     for item in prange(items):
@@ -133,49 +146,56 @@ def train_forward_nchw_short(x, weight, bias, eps, momentum, update, running_mea
                        running_mean, running_var, weight, bias, save_mean, save_invstd, coef)
     for item in prange(items):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        affine_item(x, y, n0, n1, c0, c1, coef)
+        affine_item(x, y, n0, n1, c0, c1, coef, relu)
 
 
 @parallel_kernel
 def eval_forward_nchw_short(x, running_mean, running_var, weight, bias, eps, sample_block,
-                            channel_block, coef, y):
+                            channel_block, coef, relu, y):
     n_batch, n_channels, length = x.shape
     eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        affine_item(x, y, n0, n1, c0, c1, coef)
+        affine_item(x, y, n0, n1, c0, c1, coef, relu)
 
 
 @parallel_kernel
-def train_backward_nchw_short(dy, x, save_mean, save_invstd, weight, sample_block,
-                              channel_block, parts, coef, grad_weight, grad_bias, dx):
+def train_backward_nchw_short(dy, x, save_mean, save_invstd, weight, bias, sample_block,
+                              channel_block, parts, coef, grad_weight, grad_bias, relu, dx):
+    """The gradient through the batch statistics; with relu, of ReLU(batch norm), bias being
+    the forward's (read for the mask only)."""
     n_batch, n_channels, length = x.shape
     items = n_items(sample_block, channel_block, n_batch, n_channels)
     count = np.float64(n_batch * length)
     for c in range(n_channels):
         coef[0, c] = save_mean[c]
+    if relu:
+        relu_mask_coefficients(0, n_channels, save_mean, save_invstd, weight, bias, coef)
     for item in prange(items):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], False)
+        grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], False, relu)
     sum_parts(parts, n_channels)
     finish_grads(0, n_channels, count, parts[0, 0], parts[0, 1], save_mean, save_invstd, weight,
                  grad_weight, grad_bias, coef)
     for item in prange(items):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        grad_input_item(dy, x, dx, n0, n1, c0, c1, coef)
+        grad_input_item(dy, x, dx, n0, n1, c0, c1, coef, relu)
 
 
 @parallel_kernel
-def eval_backward_nchw_short(dy, x, mean, invstd, weight, sample_block, channel_block, parts,
-                             coef, grad_weight, grad_bias, dx):
-    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass."""
+def eval_backward_nchw_short(dy, x, mean, invstd, weight, bias, sample_block, channel_block,
+                             parts, coef, grad_weight, grad_bias, relu, dx):
+    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass;
+    with relu, of ReLU(y)."""
     n_batch, n_channels, length = x.shape
     for c in range(n_channels):
         coef[0, c] = mean[c]
         coef[1, c] = np.float64(weight[c]) * invstd[c]
+    if relu:
+        relu_mask_coefficients(0, n_channels, mean, invstd, weight, bias, coef)
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], True)
+        grad_sums_item(dy, x, dx, n0, n1, c0, c1, coef, parts[sb], True, relu)
     sum_parts(parts, n_channels)
     for c in range(n_channels):
         sum_dy = parts[0, 0, c]
@@ -193,7 +213,7 @@ def normalize_nchw_short(x, mean, invstd, weight, bias, sample_block, channel_bl
     given_stats_coefficients(mean, invstd, weight, bias, coef)
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        affine_item(x, y, n0, n1, c0, c1, coef)
+        affine_item(x, y, n0, n1, c0, c1, coef, False)
 
 
 @parallel_kernel
@@ -204,7 +224,7 @@ def grad_sums_nchw_short(dy, x, mean, sample_block, channel_block, parts, coef, 
         coef[0, c] = mean[c]
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        grad_sums_item(dy, x, x, n0, n1, c0, c1, coef, parts[sb], False)
+        grad_sums_item(dy, x, x, n0, n1, c0, c1, coef, parts[sb], False, False)
     sum_parts(parts, n_channels)
     centered_grad_sums(mean, coef, parts[0, 0], parts[0, 1], sums)
 
@@ -217,4 +237,4 @@ def grad_input_nchw_short(dy, x, mean, invstd, weight, count, sums, sample_block
     given_grad_coefficients(count, sums, mean, invstd, weight, coef)
     for item in prange(n_items(sample_block, channel_block, n_batch, n_channels)):
         sb, n0, n1, c0, c1 = item_bounds(item, sample_block, channel_block, n_batch, n_channels)
-        grad_input_item(dy, x, dx, n0, n1, c0, c1, coef)
+        grad_input_item(dy, x, dx, n0, n1, c0, c1, coef, False)

@@ -17,7 +17,8 @@ from numba import prange
 from .jit import helper, parallel_kernel
 from .moments import (centered_grad_sums, eval_coefficients, finish_batch_stats, finish_grads,
                        finite_or_zero, given_grad_coefficients, given_stats_coefficients,
-                       merge_parts, shifted_moments)
+                       grad_or_masked, merge_parts, output_value, relu_mask_coefficients,
+                       shifted_moments)
 
 
 @helper
@@ -97,20 +98,22 @@ def tile_lanes(coef, coef_lanes, n_channels):
 
 
 @helper
-def affine_block(xf, yf, start, end, coef_lanes):
+def affine_block(xf, yf, start, end, coef_lanes, relu):
+    """y = (x - shift) * alpha + beta, or its ReLU when relu, over one block."""
     width = coef_lanes.shape[1]
     x_body = grouped(xf, start, end, width)
     y_body = grouped(yf, start, end, width)
     shift, alpha, beta = coef_lanes[0], coef_lanes[1], coef_lanes[2]
     for g in range(x_body.shape[0]):
         for k in range(width):
-            y_body[g, k] = (x_body[g, k] - shift[k]) * alpha[k] + beta[k]
+            y_body[g, k] = output_value(relu, (x_body[g, k] - shift[k]) * alpha[k] + beta[k])
 
 
 @helper
-def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes):
+def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes, relu, alpha, beta):
     """Lane sums of dy and dy * (x - shift) into lanes[0] and lanes[1] (local accumulators,
-    as in block_moments; with interleave, four lane groups per step in the same order)."""
+    as in block_moments; with interleave, four lane groups per step in the same order); with
+    relu, of dy masked by the forward's ReLU (alpha and beta: its lanes, read only then)."""
     width = coef_lanes.shape[1]
     dy_body = grouped(dyf, start, end, width)
     x_body = grouped(xf, start, end, width)
@@ -122,10 +125,12 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes):
     for g in range(0, full, 4):
         for k in range(width):
             h = shift[k]
-            g0 = np.float64(dy_body[g, k])
-            g1 = np.float64(dy_body[g + 1, k])
-            g2 = np.float64(dy_body[g + 2, k])
-            g3 = np.float64(dy_body[g + 3, k])
+            a = alpha[k]
+            b = beta[k]
+            g0 = np.float64(grad_or_masked(relu, dy_body[g, k], x_body[g, k], h, a, b))
+            g1 = np.float64(grad_or_masked(relu, dy_body[g + 1, k], x_body[g + 1, k], h, a, b))
+            g2 = np.float64(grad_or_masked(relu, dy_body[g + 2, k], x_body[g + 2, k], h, a, b))
+            g3 = np.float64(grad_or_masked(relu, dy_body[g + 3, k], x_body[g + 3, k], h, a, b))
             sum_dy[k] = (((sum_dy[k] + g0) + g1) + g2) + g3
             sum_dy_dev[k] = ((((sum_dy_dev[k] + g0 * np.float64(x_body[g, k] - h))
                                + g1 * np.float64(x_body[g + 1, k] - h))
@@ -133,7 +138,8 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes):
                              + g3 * np.float64(x_body[g + 3, k] - h))
     for g in range(full, n_groups):
         for k in range(width):
-            grad = np.float64(dy_body[g, k])
+            grad = np.float64(grad_or_masked(relu, dy_body[g, k], x_body[g, k], shift[k],
+                                             alpha[k], beta[k]))
             sum_dy[k] += grad
             sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift[k])
     lanes[0, :] = sum_dy
@@ -171,7 +177,7 @@ def moments_nhwc(xf, n_channels, block_rows, interleave, ws, count, mean, m2):
 @parallel_kernel
 def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, running_mean,
                        running_var, block_rows, interleave, ws, save_mean, save_invstd, coef,
-                       coef_lanes, yf):
+                       coef_lanes, relu, yf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = ws.shape[0]
     for b in prange(n_blocks):
@@ -184,23 +190,23 @@ def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, runn
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        affine_block(xf, yf, start, end, coef_lanes)
+        affine_block(xf, yf, start, end, coef_lanes, relu)
 
 
 @parallel_kernel
 def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, eps, block_rows,
-                      coef, coef_lanes, yf):
+                      coef, coef_lanes, relu, yf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = (n_rows + block_rows - 1) // block_rows
     eval_coefficients(running_mean, running_var, weight, bias, eps, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        affine_block(xf, yf, start, end, coef_lanes)
+        affine_block(xf, yf, start, end, coef_lanes, relu)
 
 
 @helper
-def grad_input_block(dyf, xf, dxf, start, end, coef_lanes):
+def grad_input_block(dyf, xf, dxf, start, end, coef_lanes, relu, alpha, beta):
     width = coef_lanes.shape[1]
     dy_body = grouped(dyf, start, end, width)
     x_body = grouped(xf, start, end, width)
@@ -208,43 +214,53 @@ def grad_input_block(dyf, xf, dxf, start, end, coef_lanes):
     shift, k_dy, k_x, k_0 = coef_lanes[0], coef_lanes[1], coef_lanes[2], coef_lanes[3]
     for g in range(x_body.shape[0]):
         for k in range(width):
-            dx_body[g, k] = dy_body[g, k] * k_dy[k] + (x_body[g, k] - shift[k]) * k_x[k] + k_0[k]
+            grad = grad_or_masked(relu, dy_body[g, k], x_body[g, k], shift[k], alpha[k], beta[k])
+            dx_body[g, k] = grad * k_dy[k] + (x_body[g, k] - shift[k]) * k_x[k] + k_0[k]
 
 
 @parallel_kernel
-def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, block_rows,
-                        interleave, ws, coef, coef_lanes, grad_weight, grad_bias, dxf):
+def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, bias, block_rows,
+                        interleave, ws, coef, coef_lanes, grad_weight, grad_bias, relu, dxf):
+    """The gradient through the batch statistics; with relu, of ReLU(batch norm), bias being
+    the forward's (read for the mask only)."""
     n_rows = xf.shape[0] // n_channels
     n_blocks = ws.shape[0]
     count = np.float64(n_rows)
     for c in range(n_channels):
         coef[0, c] = save_mean[c]
+    if relu:
+        relu_mask_coefficients(0, n_channels, save_mean, save_invstd, weight, bias, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b])
+        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b], relu,
+                        coef_lanes[4], coef_lanes[5])
     fold_block_lanes(ws, n_channels)
     finish_grads(0, n_channels, count, ws[0, 0], ws[0, 1], save_mean, save_invstd, weight,
                  grad_weight, grad_bias, coef)
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_input_block(dyf, xf, dxf, start, end, coef_lanes)
+        grad_input_block(dyf, xf, dxf, start, end, coef_lanes, relu, coef_lanes[4],
+                         coef_lanes[5])
 
 
 @helper
-def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes):
-    """dx = dy * alpha, and the lane sums for the parameter gradients, in one pass."""
+def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes, relu):
+    """dx = dy * alpha, and the lane sums for the parameter gradients, in one pass; with relu,
+    of dy masked by the forward's ReLU (coef_lanes[4], [5]: its alpha and beta)."""
     width = coef_lanes.shape[1]
     dy_body = grouped(dyf, start, end, width)
     x_body = grouped(xf, start, end, width)
     dx_body = grouped(dxf, start, end, width)
     shift, alpha = coef_lanes[0], coef_lanes[1]
+    mask_alpha, mask_beta = coef_lanes[4], coef_lanes[5]
     sum_dy = np.zeros(width)
     sum_dy_dev = np.zeros(width)
     for g in range(x_body.shape[0]):
         for k in range(width):
-            grad = dy_body[g, k]
+            grad = grad_or_masked(relu, dy_body[g, k], x_body[g, k], shift[k], mask_alpha[k],
+                                  mask_beta[k])
             dx_body[g, k] = grad * alpha[k]
             sum_dy[k] += np.float64(grad)
             sum_dy_dev[k] += np.float64(grad) * np.float64(x_body[g, k] - shift[k])
@@ -253,17 +269,22 @@ def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes):
 
 
 @parallel_kernel
-def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, block_rows, ws, coef, coef_lanes,
-                       grad_weight, grad_bias, dxf):
-    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass."""
+def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, bias, block_rows, ws, coef,
+                       coef_lanes, grad_weight, grad_bias, relu, dxf):
+    """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass;
+    with relu, of ReLU(y)."""
     n_rows = xf.shape[0] // n_channels
     for c in range(n_channels):
         coef[0, c] = mean[c]
         coef[1, c] = np.float64(weight[c]) * invstd[c]
-    tile_lanes(coef[:2], coef_lanes[:2], n_channels)
+    if relu:
+        relu_mask_coefficients(0, n_channels, mean, invstd, weight, bias, coef)
+        tile_lanes(coef, coef_lanes, n_channels)
+    else:
+        tile_lanes(coef[:2], coef_lanes[:2], n_channels)
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        eval_grad_block(dyf, xf, dxf, start, end, coef_lanes[:2], ws[b])
+        eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, ws[b], relu)
     fold_block_lanes(ws, n_channels)
     for c in range(n_channels):
         sum_dy = ws[0, 0, c]
@@ -284,7 +305,7 @@ def normalize_nhwc(xf, n_channels, mean, invstd, weight, bias, block_rows, coef,
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        affine_block(xf, yf, start, end, coef_lanes)
+        affine_block(xf, yf, start, end, coef_lanes, False)
 
 
 @parallel_kernel
@@ -298,7 +319,8 @@ def grad_sums_nhwc(dyf, xf, n_channels, mean, block_rows, interleave, ws, coef, 
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b])
+        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b], False,
+                        coef_lanes[0], coef_lanes[0])
     fold_block_lanes(ws, n_channels)
     centered_grad_sums(mean, coef, ws[0, 0], ws[0, 1], sums)
 
@@ -313,4 +335,5 @@ def grad_input_nhwc(dyf, xf, n_channels, mean, invstd, weight, count, sums, bloc
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_input_block(dyf, xf, dxf, start, end, coef_lanes)
+        grad_input_block(dyf, xf, dxf, start, end, coef_lanes, False, coef_lanes[0],
+                         coef_lanes[0])
