@@ -104,8 +104,8 @@ class Exchange:
         if error is not None:
             raise error
         status = received[:, 0]
-        failed = np.flatnonzero(status != _OK)
-        if failed.size:
+        if status.any():
+            failed = np.flatnonzero(status != _OK)
             cls, kind = _PEER_ERRORS.get(status[failed[0]], _PEER_ERRORS[_OTHER_ERROR])
             names = ", ".join(str(r) for r in failed)
             plural = "s" if failed.size > 1 else ""
@@ -128,7 +128,7 @@ class Exchange:
         An empty shard (count 0) changes nothing: merging it is exact.
         """
         n_channels = (rows.shape[1] - 1) // 2
-        counts = np.broadcast_to(rows[:, :1], (rows.shape[0], n_channels))
+        counts = np.repeat(rows[:, :1], n_channels, axis=1)
         count, mean, m2 = merge_moments(counts, rows[:, 1:1 + n_channels],
                                         rows[:, 1 + n_channels:])
         return float(count[0]), mean, m2
