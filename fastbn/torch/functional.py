@@ -1,0 +1,48 @@
+"""``fastbn.torch.batch_norm``: torch.nn.functional.batch_norm on fastbn's kernels.
+
+Routing (:func:`covered_by_kernels`): CPU tensors of float32 or float64, with weight, bias and
+running statistics of the input's dtype, run fastbn's kernels; everything else (CUDA and other
+devices, the meta device, other dtypes such as bfloat16 and float16, mixed dtypes) runs
+``torch.nn.functional.batch_norm`` and gives exactly its result. Fake tensors met while
+``torch.compile`` traces count as CPU tensors and go through the custom ops' fake kernels.
+"""
+
+import torch
+import torch.nn.functional as torch_functional
+
+from . import ops
+
+__all__ = ["batch_norm", "covered_by_kernels"]
+
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def covered_by_kernels(input, *tensors):
+    """True when fastbn's kernels compute batch norm of ``input`` with these weight, bias and
+    running tensors (None entries are ignored)."""
+    if input.device.type != "cpu" or input.dtype not in KERNEL_DTYPES or input.dim() < 2:
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype == input.dtype)
+               for t in tensors)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Mirror of ``torch.nn.functional.batch_norm``: same arguments, same result, same
+    in-place update of ``running_mean`` and ``running_var`` in training."""
+    if not covered_by_kernels(input, running_mean, running_var, weight, bias):
+        return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                           training, momentum, eps)
+    if training:
+        # torch's own check and message for one value per channel.
+        torch_functional._verify_batch_size(input.size())
+        y, _, _, new_mean, new_var = ops.batch_norm_train(input, weight, bias, running_mean,
+                                                          running_var, momentum, eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+        return y
+    if running_mean is None or running_var is None:
+        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+    return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
