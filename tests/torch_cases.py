@@ -12,9 +12,9 @@ TORCH_BATCHNORM = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn
                    5: torch.nn.BatchNorm3d}
 
 # How a (N, C, ...) tensor's memory is laid out; each takes a different route in the bridge:
-# contiguous -> channels-first kernels, channels_last -> channels-last kernels on the permuted
-# view, strided -> copied to contiguous once.
-MEMORY_FORMATS = {2: ["contiguous"], 3: ["contiguous", "channels_last", "strided"],
+# contiguous -> channels-first kernels, channels_last (4-D, 5-D) -> channels-last kernels on the
+# permuted view, strided (and 3-D (N, L, C) memory) -> copied to contiguous once.
+MEMORY_FORMATS = {2: ["contiguous"], 3: ["contiguous", "channels_last", "strided"],  # 3-D: copied
                   4: ["contiguous", "channels_last", "strided"],
                   5: ["contiguous", "channels_last"]}
 

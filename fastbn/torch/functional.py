@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as torch_functional
 
 from . import ops
+from .tensors import in_kernel_layout
 
 __all__ = ["batch_norm", "covered_by_kernels"]
 
@@ -33,6 +34,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not covered_by_kernels(input, running_mean, running_var, weight, bias):
         return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps)
+    # Copy odd striding here, as a traced op, rather than inside the custom op: inductor then
+    # sees the copy, and the op's input and output strides are the plain ones it expects.
+    input, _ = in_kernel_layout(input)
     if training:
         # torch's own check and message for one value per channel.
         torch_functional._verify_batch_size(input.size())

@@ -20,10 +20,15 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .tensors import array_in_layout, as_array, in_kernel_layout
+from .tensors import array_in_layout, as_array, empty_in_layout, in_kernel_layout
 
 __all__ = ["batch_norm_train", "batch_norm_eval", "batch_norm_backward",
            "batch_norm_eval_backward"]
+
+def _empty_output(x):
+    """The output a kernel writes for input x: what the real ops allocate, for fake tensors."""
+    return empty_in_layout(*in_kernel_layout(x))
+
 
 def _array(t, channels_last=False):
     return None if t is None else as_array(t, channels_last)
@@ -48,7 +53,7 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     """(y, save_mean, save_invstd, new_running_mean, new_running_var); the last two are empty
     when running_mean is None. Saved statistics are float64."""
     x, channels_last = in_kernel_layout(x)
-    y = torch.empty_like(x)
+    y = empty_in_layout(x, channels_last)
     new_mean = None if running_mean is None else running_mean.clone()
     new_var = None if running_var is None else running_var.clone()
     _, save_mean, save_invstd = F.batch_norm_forward(
@@ -62,9 +67,8 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 
 @batch_norm_train.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps):
-    x, _ = in_kernel_layout(x)
     n_channels = x.shape[1]
-    return (torch.empty_like(x), _stats_like(x, n_channels), _stats_like(x, n_channels),
+    return (_empty_output(x), _stats_like(x, n_channels), _stats_like(x, n_channels),
             _running_out(running_mean, x), _running_out(running_var, x))
 
 
@@ -93,7 +97,7 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor,
                     weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """y normalized with the running statistics."""
     x, channels_last = in_kernel_layout(x)
-    y = torch.empty_like(x)
+    y = empty_in_layout(x, channels_last)
     F.batch_norm(as_array(x, channels_last), _array(running_mean), _array(running_var),
                  _array(weight), _array(bias), training=False, eps=eps,
                  channels_last=channels_last, out=as_array(y, channels_last))
@@ -102,7 +106,7 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor,
 
 @batch_norm_eval.register_fake
 def _(x, running_mean, running_var, weight, bias, eps):
-    return torch.empty_like(in_kernel_layout(x)[0])
+    return _empty_output(x)
 
 
 def _setup_eval(ctx, inputs, output):
@@ -136,7 +140,7 @@ def _grad_like(weight, x, n_channels):
 
 def _run_backward(grad_y, x, mean, invstd, weight, training):
     x, channels_last = in_kernel_layout(x)
-    dx = torch.empty_like(x)
+    dx = empty_in_layout(x, channels_last)
     _, grad_weight, grad_bias = F.batch_norm_backward(
         array_in_layout(grad_y, channels_last), as_array(x, channels_last), mean, invstd,
         _array(weight), training=training, channels_last=channels_last,
@@ -154,7 +158,7 @@ def batch_norm_backward(grad_y: Tensor, x: Tensor, save_mean: Tensor, save_invst
 @batch_norm_backward.register_fake
 def _(grad_y, x, save_mean, save_invstd, weight):
     n_channels = x.shape[1]
-    return (torch.empty_like(in_kernel_layout(x)[0]), _grad_like(weight, x, n_channels),
+    return (_empty_output(x), _grad_like(weight, x, n_channels),
             _grad_like(weight, x, n_channels))
 
 
@@ -172,7 +176,7 @@ def batch_norm_eval_backward(grad_y: Tensor, x: Tensor, running_mean: Tensor,
 @batch_norm_eval_backward.register_fake
 def _(grad_y, x, running_mean, running_var, weight, eps):
     n_channels = x.shape[1]
-    return (torch.empty_like(in_kernel_layout(x)[0]), _grad_like(weight, x, n_channels),
+    return (_empty_output(x), _grad_like(weight, x, n_channels),
             _grad_like(weight, x, n_channels))
 
 

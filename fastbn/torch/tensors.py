@@ -1,11 +1,15 @@
 """Zero-copy NumPy views of CPU tensors, in the layout fastbn's kernels take.
 
-A tensor is channels-first for the kernels when it is contiguous, and channels-last when moving
-its channel axis last gives a contiguous tensor (``torch.channels_last`` / ``channels_last_3d``,
-or a transposed (N, L, C) batch for 1d). Anything else is made contiguous once.
+A tensor is channels-first for the kernels when it is contiguous, and channels-last when it is
+4-D or 5-D and moving its channel axis last gives a contiguous tensor (``torch.channels_last`` /
+``channels_last_3d``). Anything else is made contiguous once, including a 3-D (N, C, L) view of
+(N, L, C) memory: torch has no memory format for it and returns such a batch norm's output
+contiguous, and matching that keeps torch.compile's dynamic-shape graphs lowerable (inductor
+failed on a channels-last 3-D output feeding a convolution's backward).
 """
 
-__all__ = ["kernel_layout", "in_kernel_layout", "as_array", "array_in_layout"]
+__all__ = ["kernel_layout", "in_kernel_layout", "empty_in_layout", "as_array",
+           "array_in_layout"]
 
 
 def kernel_layout(t):
@@ -15,7 +19,7 @@ def kernel_layout(t):
     """
     if t.is_contiguous():
         return False
-    if t.dim() >= 3 and t.movedim(1, -1).is_contiguous():
+    if t.dim() >= 4 and t.movedim(1, -1).is_contiguous():
         return True
     return None
 
@@ -27,6 +31,17 @@ def in_kernel_layout(t):
     if channels_last is None:
         return t.contiguous(), False
     return t, channels_last
+
+
+def empty_in_layout(t, channels_last):
+    """A new tensor of t's shape and dtype, dense in the given layout.
+
+    Built from a plain shape rather than with empty_like: under torch.compile's dynamic shapes
+    empty_like gives a channels-last 3-D tensor strides with Max(1, L) terms, which inductor
+    failed to lower in a following convolution's backward."""
+    if channels_last:
+        return t.new_empty(t.movedim(1, -1).shape).movedim(-1, 1)
+    return t.new_empty(t.shape)
 
 
 def as_array(t, channels_last=False):
