@@ -57,6 +57,17 @@ def parse_args(argv):
                         help="instead of the grid, time module calls alone and beside 1 and 2 "
                              "busy processes and report the slowdowns of fastbn and torch "
                              "(default shapes: 32x64x56x56 128x1024)")
+    parser.add_argument("--bridge", action="store_true",
+                        help="instead of the kernel report: fastbn.torch against torch's "
+                             "nn.BatchNorm, per layer, forward + backward through autograd, "
+                             "in both memory formats (needs the 'torch' extra)")
+    parser.add_argument("--bridge-model", action="store_true",
+                        help="instead of the kernel report: a ResNet-18-shaped CNN trained "
+                             "and run for inference with torch's batch norm and with "
+                             "fastbn.torch, under the default and the passive OpenMP wait "
+                             "policy (needs the 'torch' extra; about 10 minutes)")
+    parser.add_argument("--steps", type=int, default=20, metavar="N",
+                        help="training steps per configuration for --bridge-model")
     args = parser.parse_args(argv)
     from .report.load import DEFAULT_SHAPES as LOAD_SHAPES
 
@@ -162,6 +173,27 @@ def add_ratios(results, last_level_cache_bytes):
         row["speedup_vs_torch"] = peer["median_s"] / module_s if peer else None
 
 
+def _bridge_main(parser, args, threads):
+    """The PyTorch-bridge measurements (see fastbn/report/bridge.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        parser.exit(2, "python -m fastbn: --bridge needs torch; install the torch extra: "
+                       "pip install 'fastbn[torch]'\n")
+    from .report import bridge
+
+    results = {}
+    if args.bridge:
+        results["layers"] = bridge.run_layers(args.shapes, threads,
+                                              budget_s=0.2 if args.quick else 0.5)
+    if args.bridge_model:
+        results["model"] = bridge.run_model(steps=args.steps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv=None):
     import os
 
@@ -183,6 +215,8 @@ def main(argv=None):
     if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
         parser.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
                      "(NUMBA_NUM_THREADS)")
+    if args.bridge or args.bridge_model:
+        return _bridge_main(parser, args, threads)
     timing = TIMING["quick" if args.quick else "default"]
     settings = {"dtype": args.dtype, "threads": threads, "quick": args.quick,
                 "shapes": [list(s) for s in args.shapes], "layouts": list(R.LAYOUTS),

@@ -240,3 +240,27 @@ def test_import_fastbn_torch_without_torch_names_the_extra():
     proc = run_python(blocker)
     assert proc.returncode == 0, proc.stderr
     assert "fastbn[torch]" in proc.stdout
+
+
+def test_kernels_run_with_torchs_thread_count(monkeypatch):
+    import numba
+
+    from fastbn import functional
+
+    seen = []
+    original = functional.batch_norm_forward
+
+    def recording(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "batch_norm_forward", recording)
+    previous = torch.get_num_threads()
+    before = numba.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ft.BatchNorm2d(3)(torch.randn(4, 3, 5, 5))
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [1]
+    assert numba.get_num_threads() == before  # restored after the call

@@ -13,17 +13,35 @@ kernel runs. Double backward (``create_graph=True``) differentiates a torch-ops 
 the same function, so second-order gradients are exact rather than silently truncated.
 """
 
+import functools
 from typing import Optional
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..kernels.jit import num_threads
 from .tensors import array_in_layout, as_array, empty_in_layout, in_kernel_layout
 
 __all__ = ["batch_norm_train", "batch_norm_eval", "batch_norm_backward",
            "batch_norm_eval_backward"]
+
+
+def _torch_thread_count(kernel_call):
+    """Run the kernels with torch's thread count (torch.set_num_threads), capped by Numba's
+    pool size: a model limited to one thread, as in data-loader workers or one process per
+    core, keeps its batch norms on one thread too."""
+    @functools.wraps(kernel_call)
+    def call(*args, **kwargs):
+        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if threads == numba.get_num_threads():
+            return kernel_call(*args, **kwargs)
+        with num_threads(threads):
+            return kernel_call(*args, **kwargs)
+    return call
+
 
 def _empty_output(x):
     """The output a kernel writes for input x: what the real ops allocate, for fake tensors."""
@@ -46,6 +64,7 @@ def _running_out(buffer, x):
 # ----------------------------------------------------------------------------- training forward
 
 @torch.library.custom_op("fastbn::batch_norm_train", mutates_args=(), device_types="cpu")
+@_torch_thread_count
 def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      momentum: float, eps: float
@@ -93,6 +112,7 @@ batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
 # ----------------------------------------------------------------------------- eval forward
 
 @torch.library.custom_op("fastbn::batch_norm_eval", mutates_args=(), device_types="cpu")
+@_torch_thread_count
 def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor,
                     weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """y normalized with the running statistics."""
@@ -149,6 +169,7 @@ def _run_backward(grad_y, x, mean, invstd, weight, training):
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=(), device_types="cpu")
+@_torch_thread_count
 def batch_norm_backward(grad_y: Tensor, x: Tensor, save_mean: Tensor, save_invstd: Tensor,
                         weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, grad_weight, grad_bias) of a training forward, through the batch statistics."""
@@ -164,6 +185,7 @@ def _(grad_y, x, save_mean, save_invstd, weight):
 
 @torch.library.custom_op("fastbn::batch_norm_eval_backward", mutates_args=(),
                          device_types="cpu")
+@_torch_thread_count
 def batch_norm_eval_backward(grad_y: Tensor, x: Tensor, running_mean: Tensor,
                              running_var: Tensor, weight: Optional[Tensor], eps: float
                              ) -> tuple[Tensor, Tensor, Tensor]:
