@@ -2,6 +2,7 @@
 
 The modules follow torch.nn.BatchNorm{1,2,3}d exactly, on NumPy arrays, with an explicit
 ``backward(dy)`` in place of autograd. The arithmetic lives in :mod:`fastbn.functional`.
+BNReLU1d/2d/3d are the same modules with a ReLU fused into the normalize pass.
 """
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from . import _validate as V
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNReLU1d", "BNReLU2d", "BNReLU3d"]
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -26,6 +27,8 @@ class StateDictKeyError(KeyError, ValueError):
 class _BatchNorm:
     _ndims = ()
     _shape_doc = ("", "")
+    # BNReLU modules: y = max(0, batch_norm(x)) in the same pass, and a backward through both.
+    _relu = False
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, channels_last=False, dtype=np.float32):
@@ -188,12 +191,12 @@ class _BatchNorm:
                           else self.momentum)
             y, mean, invstd = F._batch_stats_forward(
                 x, self.channels_last, weight, bias, self.eps, factor,
-                running_mean if update else None, running_var, out)
+                running_mean if update else None, running_var, out, self._relu)
             if update:
                 self.num_batches_tracked += 1
         else:
             y = F._eval_forward(x, running_mean, running_var, weight, bias, self.eps,
-                                self.channels_last, out)
+                                self.channels_last, out, self._relu)
             # Like autograd, keep the buffers themselves; invstd is derived in backward.
             mean, invstd = running_mean, running_var
         self._saved = (x, mean, invstd, use_batch_stats)
@@ -213,9 +216,15 @@ class _BatchNorm:
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last forward input, {x.shape}, "
                              f"got {dy.shape}")
-        dx, grad_weight, grad_bias = F.batch_norm_backward(
-            dy, x, mean, invstd, self.weight, training=use_batch_stats,
-            channels_last=self.channels_last, out=out)
+        if self._relu:
+            # The ReLU mask is recomputed from x, the statistics, weight and bias.
+            dx, grad_weight, grad_bias = F.batch_norm_relu_backward(
+                dy, x, mean, invstd, self.weight, self.bias, training=use_batch_stats,
+                channels_last=self.channels_last, out=out)
+        else:
+            dx, grad_weight, grad_bias = F.batch_norm_backward(
+                dy, x, mean, invstd, self.weight, training=use_batch_stats,
+                channels_last=self.channels_last, out=out)
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
         return dx
@@ -240,3 +249,23 @@ class BatchNorm3d(_BatchNorm):
 
     _ndims = (5,)
     _shape_doc = ("(N, C, D, H, W)", "(N, D, H, W, C)")
+
+
+class BNReLU1d(BatchNorm1d):
+    """BatchNorm1d followed by ReLU, fused: the ReLU costs no pass of its own, and backward
+    keeps nothing beyond what BatchNorm1d keeps (the mask is recomputed from x). Named after
+    torch.ao.nn.intrinsic.BNReLU2d; equal to BatchNorm1d then torch.nn.ReLU."""
+
+    _relu = True
+
+
+class BNReLU2d(BatchNorm2d):
+    """BatchNorm2d followed by ReLU, fused (see BNReLU1d)."""
+
+    _relu = True
+
+
+class BNReLU3d(BatchNorm3d):
+    """BatchNorm3d followed by ReLU, fused (see BNReLU1d)."""
+
+    _relu = True

@@ -114,6 +114,29 @@ def kink_bias(rng, weight, mean, invstd, center, spread, dtype):
     return (-weight * np.asarray(invstd, np.float64) * (target - mean)).astype(dtype)
 
 
+def kinked_step(rng, module, shape, dtype, channels_last):
+    """(x, dy) for one step of a BNReLU module, with the kink in a gap of x: the bias is set
+    for the statistics this step normalizes with (batch ones, or the running ones in eval);
+    without affine the kink is the mean itself, so x is centred on the running mean in eval.
+    Returns the bias set, or None."""
+    use_batch = module.training or not module.track_running_stats
+    center = None if use_batch else np.asarray(module.running_mean, np.float64)
+    x, center, spread = kinked_input(rng, shape, dtype, channels_last, center)
+    dy = make_input(rng, shape, dtype, channels_last)
+    if not module.affine:
+        return x, dy, None
+    if use_batch:
+        axes = (0,) + tuple(range(2, len(shape)))
+        x_cf = np.moveaxis(x, -1, 1) if channels_last and x.ndim > 2 else x
+        mean = x_cf.astype(np.float64).mean(axis=axes)
+        var = x_cf.astype(np.float64).var(axis=axes)
+    else:
+        mean, var = module.running_mean, module.running_var
+    invstd = 1.0 / np.sqrt(np.asarray(var, np.float64) + module.eps)
+    module.bias[...] = kink_bias(rng, module.weight, mean, invstd, center, spread, dtype)
+    return x, dy, module.bias.copy()
+
+
 MEMORY_KINDS = ["contiguous", "strided", "fortran", "readonly"]
 
 

@@ -12,8 +12,8 @@ import pytest
 import fastbn
 import fastbn.functional
 import reference as ref
-from conftest import (LARGE_SHAPES, kink_bias, kinked_input, make_input, make_params,
-                      make_running, shape_id)
+from conftest import (LARGE_SHAPES, kink_bias, kinked_input, kinked_step, make_input,
+                      make_params, make_running, shape_id)
 
 # Even batch sizes (kinked_input mirrors samples in pairs); ranks 2 to 5, short and long
 # planes, one value per channel per sample.
@@ -214,3 +214,99 @@ def test_empty_batch(dtype, channels_last):
     dx, gw, gb = fastbn.batch_norm_relu_backward(x, x, mean, invstd,
                                                  channels_last=channels_last)
     assert dx.shape == x.shape and np.all(gw == 0) and np.all(gb == 0)
+
+
+# ----------------------------------------------------------------------------- modules
+
+CONFIGS = [dict(), dict(momentum=None), dict(momentum=0.3, eps=1e-3), dict(affine=False),
+           dict(track_running_stats=False)]
+configs = pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(
+    f"{k}={v}" for k, v in c.items()) or "defaults")
+MODULE_SHAPES = [(6, 3), (4, 3, 7), (2, 3, 5, 4), (2, 2, 3, 2, 3)]
+BNRELU_FOR_RANK = {2: fastbn.BNReLU1d, 3: fastbn.BNReLU1d, 4: fastbn.BNReLU2d,
+                   5: fastbn.BNReLU3d}
+BATCHNORM_FOR_RANK = {2: fastbn.BatchNorm1d, 3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d,
+                      5: fastbn.BatchNorm3d}
+
+
+@configs
+@pytest.mark.parametrize("shape", MODULE_SHAPES, ids=shape_id)
+def test_module_matches_reference_batch_norm_then_relu(config, shape, dtype, channels_last,
+                                                       rng):
+    module = BNRELU_FOR_RANK[len(shape)](shape[1], channels_last=channels_last, dtype=dtype,
+                                         **config)
+    reference = ref.ReferenceBatchNorm(shape[1], channels_last=channels_last, **config)
+    if module.affine:
+        module.weight[...] = make_params(rng, shape[1], dtype)[0]
+    for mode in ["train", "train", "eval", "train", "eval"]:
+        module.train(mode == "train")
+        reference.training = mode == "train"
+        x, dy, bias = kinked_step(rng, module, shape, dtype, channels_last)
+        if module.affine:
+            reference.weight = module.weight.astype(np.float64)
+            reference.bias = bias.astype(np.float64)
+        y = module(x)
+        pre = reference.forward(x)
+        ref.assert_close(y, ref.relu(pre), dtype, pre_scale(pre, module.bias), "y")
+        if module.track_running_stats:
+            assert module.num_batches_tracked == reference.num_batches_tracked
+            ref.assert_close(module.running_mean, reference.running_mean, dtype,
+                             reference.mean_scale, "running_mean")
+            ref.assert_close(module.running_var, reference.running_var, dtype,
+                             reference.var_scale, "running_var")
+        dx = module.backward(dy)
+        masked = np.where(ref.relu_mask(pre), dy.astype(np.float64), 0.0)
+        dx_exp, gw_exp, gb_exp = reference.backward(masked)
+        dx_scale, gw_scale, gb_scale = reference.backward_scales(masked)
+        ref.assert_close(dx, dx_exp, dtype, dx_scale, "dx")
+        if module.affine:
+            ref.assert_close(module.grad_weight, gw_exp, dtype, gw_scale, "grad_weight")
+            ref.assert_close(module.grad_bias, gb_exp, dtype, gb_scale, "grad_bias")
+        else:
+            assert module.grad_weight is None and module.grad_bias is None
+
+
+def test_modules_share_batch_norm_s_constructor_members_and_checks():
+    """Same base, same constructor, state and checks as the BatchNorm modules."""
+    for relu_class, bn_class in [(fastbn.BNReLU1d, fastbn.BatchNorm1d),
+                                 (fastbn.BNReLU2d, fastbn.BatchNorm2d),
+                                 (fastbn.BNReLU3d, fastbn.BatchNorm3d)]:
+        assert issubclass(relu_class, bn_class)
+        fused = relu_class(4, eps=1e-3, momentum=None, channels_last=True, dtype=np.float64)
+        plain = bn_class(4, eps=1e-3, momentum=None, channels_last=True, dtype=np.float64)
+        assert vars(fused).keys() == vars(plain).keys()
+        assert repr(fused) == repr(plain).replace(bn_class.__name__, relu_class.__name__)
+        assert fused.state_dict().keys() == plain.state_dict().keys()
+    with pytest.raises(ValueError, match=r"BNReLU2d \(channels_first\) expects input of shape "
+                                         r"\(N, C, H, W\), got 3D"):
+        fastbn.BNReLU2d(3)(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="num_features must be at least 1"):
+        fastbn.BNReLU1d(0)
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
+        fastbn.BNReLU3d(2).backward(np.zeros((2, 2, 1, 1, 1), np.float32))
+
+
+def test_module_output_is_relu_of_the_batch_norm_module_bit_for_bit(dtype, channels_last):
+    """Same state, same steps: BNReLU2d's y is BatchNorm2d's with negatives zeroed, and its
+    buffers are BatchNorm2d's, to the bit; eval too."""
+    rng = np.random.default_rng(3)
+    shape = (4, 3, 6, 5)
+    fused = fastbn.BNReLU2d(3, channels_last=channels_last, dtype=dtype)
+    plain = fastbn.BatchNorm2d(3, channels_last=channels_last, dtype=dtype)
+    weight, bias = make_params(rng, 3, dtype)
+    for module in (fused, plain):
+        module.weight[...] = weight
+        module.bias[...] = bias
+    for mode in [True, True, False]:
+        x = make_input(rng, shape, dtype, channels_last)
+        y_fused = fused.train(mode)(x)
+        y_plain = plain.train(mode)(x)
+        np.testing.assert_array_equal(y_fused, np.where(y_plain <= 0, 0, y_plain).astype(dtype))
+        for key, value in plain.state_dict().items():
+            np.testing.assert_array_equal(fused.state_dict()[key], value, err_msg=key)
+        dy = make_input(rng, shape, dtype, channels_last)
+        dx = fused.backward(dy)
+        dx_plain = plain.backward(np.where(y_fused > 0, dy, 0).astype(dtype))
+        np.testing.assert_array_equal(dx, dx_plain)
+        np.testing.assert_array_equal(fused.grad_weight, plain.grad_weight)
+        np.testing.assert_array_equal(fused.grad_bias, plain.grad_bias)
