@@ -23,8 +23,10 @@ def covered_by_kernels(input, *tensors):
     running tensors (None entries are ignored)."""
     if input.device.type != "cpu" or input.dtype not in KERNEL_DTYPES or input.dim() < 2:
         return False
-    return all(t is None or (t.device.type == "cpu" and t.dtype == input.dtype)
-               for t in tensors)
+    for t in tensors:
+        if t is not None and (t.dtype != input.dtype or t.device.type != "cpu"):
+            return False
+    return True
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -40,6 +42,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if training:
         # torch's own check and message for one value per channel.
         torch_functional._verify_batch_size(input.size())
+        if not torch.compiler.is_compiling():
+            return ops.TrainFunction.apply(input, weight, bias, running_mean, running_var,
+                                           momentum, eps)[0]
+        # The registered op mutates nothing, so that torch.compile can trace it; the buffers
+        # take its new running statistics here, which the compiled graph keeps as a copy.
         y, _, _, new_mean, new_var = ops.batch_norm_train(input, weight, bias, running_mean,
                                                           running_var, momentum, eps)
         if running_mean is not None:
@@ -49,4 +56,5 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return y
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
-    return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    evaluate = ops.batch_norm_eval if torch.compiler.is_compiling() else ops.EvalFunction.apply
+    return evaluate(input, running_mean, running_var, weight, bias, eps)
