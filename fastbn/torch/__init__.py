@@ -20,6 +20,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
 
 from .functional import batch_norm, covered_by_kernels
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert",
-           "covered_by_kernels"]
+           "covered_by_kernels", "SyncBatchNorm", "convert_sync_batchnorm"]
