@@ -19,6 +19,7 @@ from .. import functional as F
 from ..distributed.exchange import Exchange
 from .functional import KERNEL_DTYPES
 from .modules import _FastForward
+from .ops import _torch_thread_count
 from .tensors import array_in_layout, as_array, empty_in_layout, in_kernel_layout
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "ProcessGroupComm"]
@@ -64,7 +65,9 @@ def _check_local(x, weight, num_features):
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
+    # Kernels run with torch's thread count, as everywhere in the bridge.
     @staticmethod
+    @_torch_thread_count
     def forward(ctx, x, weight, bias, step):
         n = step.num_features
 
@@ -103,6 +106,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_torch_thread_count
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         step = ctx.step
