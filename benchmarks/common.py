@@ -23,6 +23,13 @@ SMOKE = bool(os.environ.get("FASTBN_ASV_SMOKE"))
 if SMOKE:
     SHAPES = ["8x16x32x32", "128x1024"]
     DTYPES = ["float32"]
+# A history over many commits on a 2-core machine: the full grid takes about an hour per
+# commit with proper repeats, so FASTBN_ASV_GRID=history keeps one streamed 4-D shape, the
+# (N, C) matrix and the tiny tensor, in float32. Its results share keys with the full grid's,
+# so both kinds can live in one results directory and one dashboard.
+if os.environ.get("FASTBN_ASV_GRID") == "history":
+    SHAPES = ["32x64x56x56", "128x1024", "2x4x8x8"]
+    DTYPES = ["float32"]
 PARAMS = [SHAPES, LAYOUTS, DTYPES]
 PARAM_NAMES = ["shape", "layout", "dtype"]
 EPS = 1e-5
