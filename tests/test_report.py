@@ -113,3 +113,31 @@ def test_report_rejects_a_bad_shape(shape):
     proc = run_report("--shapes", shape)
     assert proc.returncode == 2
     assert "shape" in proc.stderr and shape in proc.stderr
+
+
+def test_combine_takes_cell_medians_over_runs(tmp_path):
+    from fastbn.report.combine import combine
+
+    path = tmp_path / "report.json"
+    proc = run_report("--quick", "--no-torch", "--shapes", "2x4x8x8", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(path.read_text())
+    second, third = json.loads(path.read_text()), json.loads(path.read_text())
+    for row in second["results"]:
+        row["one_pass_fraction"] *= 2
+        row["module"]["median_s"] *= 3
+    for row in third["results"]:
+        row["one_pass_fraction"] *= 4
+        row["module"]["median_s"] *= 5
+    combined = combine([first, second, third])
+    assert len(combined["results"]) == len(first["results"]) == 6
+    for row, original in zip(combined["results"], first["results"]):
+        assert row["one_pass_fraction"] == pytest.approx(2 * original["one_pass_fraction"])
+        assert row["module"]["median_s"] == pytest.approx(3 * original["module"]["median_s"])
+    fractions = [r["one_pass_fraction"] for r in combined["results"] if r["op"] == "backward"]
+    assert combined["summary"]["backward"]["one_pass_fraction"]["min"] is None  # < 1 MB cells
+    assert min(fractions) > 0
+    out = subprocess.run([sys.executable, "-m", "fastbn.report.combine", str(path), str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Median of 2 runs" in out.stdout and "| backward  | NHWC   | 2x4x8x8" in out.stdout
