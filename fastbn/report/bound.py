@@ -18,13 +18,16 @@ The pass is a good streaming loop, laid out like the data:
   or channels-last tensor takes W = C * reps (reps rows per step, so narrow C still fills the
   vector registers), short NCHW planes take W = C * L, one whole sample per row.
 
-Like fastbn's kernels, tensors under ``SERIAL_BELOW_ELEMENTS`` run a serial twin, since a
-parallel-region launch costs more than such a pass.
+The pass is compiled as a parallel and a serial twin like fastbn's kernels and picks one per
+call by the same rule (``KernelPair.select``): the serial twin for tensors too small to pay for
+a parallel-region launch and on a machine whose cores are busy with other work, so that the
+bound and fastbn always run on the same threads. Compilation happens on the first call.
 """
 
 import numpy as np
+from numba import prange
 
-from ..kernels.jit import SERIAL_BELOW_ELEMENTS
+from ..kernels.jit import parallel_kernel
 
 # NCHW planes shorter than this are streamed as whole-sample rows: a per-plane loop of a few
 # dozen values spends more on loop overhead than on moving data.
@@ -35,59 +38,44 @@ ROW_BYTES = 128 << 10
 # Rows of a (rows, C) tensor are grouped so that W = C * reps reaches this many values.
 ROW_VALUES = 1024
 
-_kernels = None
 
 
-def _compiled():
-    # Compiled on first use, so importing the report never starts a Numba compilation.
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    from numba import njit, prange
-
-    def affine_rows(x, a, b, y):
-        for r in prange(x.shape[0]):
-            for j in range(x.shape[1]):
-                y[r, j] = a[j] * x[r, j] + b[j]
-
-    def affine_planes(x, a, b, y):
-        n_channels = x.shape[1]
-        for p in prange(x.shape[0] * n_channels):
-            i, k = p // n_channels, p % n_channels
-            ak, bk = a[k], b[k]
-            for j in range(x.shape[2]):
-                y[i, k, j] = ak * x[i, k, j] + bk
-
-    def affine2_rows(dy, x, a, b, c, dx):
-        for r in prange(x.shape[0]):
-            for j in range(x.shape[1]):
-                dx[r, j] = a[j] * dy[r, j] + b[j] * x[r, j] + c[j]
-
-    def affine2_planes(dy, x, a, b, c, dx):
-        n_channels = x.shape[1]
-        for p in prange(x.shape[0] * n_channels):
-            i, k = p // n_channels, p % n_channels
-            ak, bk, ck = a[k], b[k], c[k]
-            for j in range(x.shape[2]):
-                dx[i, k, j] = ak * dy[i, k, j] + bk * x[i, k, j] + ck
-
-    _kernels = {}
-    for fn in (affine_rows, affine_planes, affine2_rows, affine2_planes):
-        # The serial twin is the same loop with prange run as range.
-        _kernels[fn.__name__] = (njit(parallel=True, cache=True, nogil=True)(fn),
-                                 njit(parallel=False, cache=True, nogil=True)(
-                                     _renamed(fn, fn.__name__ + "_serial")))
-    return _kernels
+@parallel_kernel
+def affine_rows(x, a, b, y):
+    for r in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            y[r, j] = a[j] * x[r, j] + b[j]
 
 
-def _renamed(fn, name):
-    # Numba's disk cache is keyed by qualified name, so each twin needs its own.
-    import types
+@parallel_kernel
+def affine_planes(x, a, b, y):
+    n_channels = x.shape[1]
+    for p in prange(x.shape[0] * n_channels):
+        i, k = p // n_channels, p % n_channels
+        ak, bk = a[k], b[k]
+        for j in range(x.shape[2]):
+            y[i, k, j] = ak * x[i, k, j] + bk
 
-    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__,
-                              fn.__closure__)
-    twin.__qualname__ = name
-    return twin
+
+@parallel_kernel
+def affine2_rows(dy, x, a, b, c, dx):
+    for r in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            dx[r, j] = a[j] * dy[r, j] + b[j] * x[r, j] + c[j]
+
+
+@parallel_kernel
+def affine2_planes(dy, x, a, b, c, dx):
+    n_channels = x.shape[1]
+    for p in prange(x.shape[0] * n_channels):
+        i, k = p // n_channels, p % n_channels
+        ak, bk, ck = a[k], b[k], c[k]
+        for j in range(x.shape[2]):
+            dx[i, k, j] = ak * dy[i, k, j] + bk * x[i, k, j] + ck
+
+
+_KERNELS = {"affine_rows": affine_rows, "affine_planes": affine_planes,
+            "affine2_rows": affine2_rows, "affine2_planes": affine2_planes}
 
 
 def stream_layout(shape, layout):
@@ -126,7 +114,6 @@ class OnePass:
     """
 
     def __init__(self, shape, layout, x, dy, y, dx):
-        kernels = _compiled()
         kind, view, reps = stream_layout(shape, layout)
         if kind == "rows" and layout == "NCHW" and view[1] * x.itemsize > ROW_BYTES:
             kind, view, reps = "planes", (shape[0], shape[1], view[1] // shape[1]), 1
@@ -137,12 +124,10 @@ class OnePass:
         self.coefficients = tuple(rng.uniform(0.5, 1.5, n_channels).astype(x.dtype)
                                   for _ in range(3))
         a, b, c = (_expand(v, kind, shape, layout, reps) for v in self.coefficients)
-        twin = 0 if x.size >= SERIAL_BELOW_ELEMENTS else 1
-        fwd = kernels["affine_" + kind][twin]
-        bwd = kernels["affine2_" + kind][twin]
+        fwd, bwd, size = _KERNELS["affine_" + kind], _KERNELS["affine2_" + kind], x.size
         xv, dyv, yv, dxv = (arr.reshape(view) for arr in (x, dy, y, dx))
-        self.forward = lambda: fwd(xv, a, b, yv)
-        self.backward = lambda: bwd(dyv, xv, a, b, c, dxv)
+        self.forward = lambda: fwd.select(size)(xv, a, b, yv)
+        self.backward = lambda: bwd.select(size)(dyv, xv, a, b, c, dxv)
         self.forward()  # compile (or load from Numba's cache) outside any timing
         self.backward()
 

@@ -75,7 +75,9 @@ def header_lines(machine, bandwidth, settings, torch_note):
         "users call it; out= = the functional call into a preallocated buffer",
         f"- torch: {torch_note}; vs torch and vs NumPy = time(peer) / time(fastbn module)",
         "- 1-pass = the op's unavoidable traffic as one plain streaming pass on the same "
-        "buffers, same process and threads, timed interleaved with out=: y = a*x + b "
+        "buffers, same process and threads (serial or parallel by fastbn's own rule, which "
+        "goes serial when other work keeps the cores busy), timed interleaved with out=: "
+        "y = a*x + b "
         "(forwards), dx = a*dy + b*x + c (backward), per-channel a, b, c; "
         "fraction = time(1-pass) / time(out=)",
         f"- bandwidth: parallel y = a*x + b over {bandwidth['bytes_moved'] // 2 >> 20} MiB into "

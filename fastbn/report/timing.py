@@ -103,19 +103,22 @@ _stream_kernel = None
 
 
 def _compiled_stream_kernel():
-    # Compiled on first use, so importing this module never starts a Numba compilation.
+    # Built on first use, so importing this module never imports Numba (the torch worker
+    # imports it too). A KernelPair, so the probe picks its twin by fastbn's own rule and runs
+    # on the threads fastbn runs on, also when other work keeps the cores busy.
     global _stream_kernel
     if _stream_kernel is None:
-        from numba import njit, prange
+        from numba import prange
 
-        @njit(parallel=True, cache=True, nogil=True)
+        from ..kernels.jit import parallel_kernel
+
         def scale_shift_stream(x, a, b, y):
             # y = x*a + b rather than a plain copy: LLVM cannot turn it into a memcpy call,
             # so this is a loop of loads and stores like the batch norm kernels.
             for i in prange(x.size):
                 y[i] = x[i] * a + b
 
-        _stream_kernel = scale_shift_stream
+        _stream_kernel = parallel_kernel(scale_shift_stream)
     return _stream_kernel
 
 
@@ -133,7 +136,8 @@ class BandwidthProbe:
         self._kernel = _compiled_stream_kernel()
         self._x = np.full(n_bytes // 4, 1.0, np.float32)
         self._y = np.full_like(self._x, 0.0)
-        self._kernel(self._x, np.float32(1.0), np.float32(0.0), self._y)  # compile, start pool
+        self._kernel.select(self._x.size)(self._x, np.float32(1.0), np.float32(0.0),
+                                          self._y)  # compile, start the pool
         self.samples = []
 
     def sample(self, repeats):
@@ -142,7 +146,7 @@ class BandwidthProbe:
         taken = []
         for _ in range(repeats):
             start = time.perf_counter()
-            self._kernel(self._x, a, b, self._y)
+            self._kernel.select(self._x.size)(self._x, a, b, self._y)
             taken.append(time.perf_counter() - start)
         self.samples.extend(taken)
         return 2 * self._x.nbytes / float(np.median(taken))
