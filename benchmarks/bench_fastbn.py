@@ -11,7 +11,8 @@ import numpy as np
 
 import fastbn
 
-from .common import EPS, LAYOUTS, MOMENTUM, PARAM_NAMES, PARAMS, SMOKE, make_arrays, parse_shape
+from .common import (EPS, LAYOUTS, MOMENTUM, PARAM_NAMES, PARAMS, SMOKE, make_arrays,
+                     parse_shape, relu_passes)
 
 
 class BatchNormOps:
@@ -47,6 +48,46 @@ class BatchNormOps:
     def time_backward(self, shape, layout, dtype):
         fastbn.batch_norm_backward(self.dy, self.x, self.save_mean, self.save_invstd, self.w,
                                    training=True, channels_last=self.channels_last, out=self.dx)
+
+
+class BNReLUOps:
+    """Fused BatchNorm + ReLU (forward and backward), and the separate ReLU passes that the
+    fusion saves (common.relu_passes), so that a step of each can be added up from these:
+    fused = time_fused_forward + time_fused_backward; separate = BatchNormOps's
+    time_train_forward + time_backward + time_separate_relu_passes. The interleaved ratio on
+    the out-of-cache tensor is benchmarks/relu_step.py's."""
+
+    params = PARAMS
+    param_names = PARAM_NAMES
+
+    def setup(self, shape, layout, dtype):
+        a = make_arrays(shape, layout, dtype)
+        self.x, self.dy, self.w, self.b = a["x"], a["dy"], a["weight"], a["bias"]
+        self.channels_last = layout == "NHWC"
+        self.y = np.zeros_like(self.x)
+        self.dz = self.dy.copy()
+        self.dx = np.zeros_like(self.x)
+        _, self.save_mean, self.save_invstd = fastbn.batch_norm_relu_forward(
+            self.x, self.w, self.b, EPS, channels_last=self.channels_last, out=self.y)
+        self.relu_inplace, self.relu_mask_inplace = relu_passes()
+        self.time_fused_forward(shape, layout, dtype)
+        self.time_fused_backward(shape, layout, dtype)
+        self.time_separate_relu_passes(shape, layout, dtype)
+
+    def time_fused_forward(self, shape, layout, dtype):
+        fastbn.batch_norm_relu_forward(self.x, self.w, self.b, EPS,
+                                       channels_last=self.channels_last, out=self.y)
+
+    def time_fused_backward(self, shape, layout, dtype):
+        fastbn.batch_norm_relu_backward(self.dy, self.x, self.save_mean, self.save_invstd,
+                                        self.w, self.b, channels_last=self.channels_last,
+                                        out=self.dx)
+
+    def time_separate_relu_passes(self, shape, layout, dtype):
+        # y already holds ReLU output after the first call, so the forward pass rewrites the
+        # same values; dz is masked in place, as often as asv repeats (idempotent too).
+        self.relu_inplace(self.y.reshape(-1))
+        self.relu_mask_inplace(self.dz.reshape(-1), self.y.reshape(-1))
 
 
 _MODULES = {2: fastbn.BatchNorm1d, 3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d,
