@@ -139,8 +139,10 @@ def test_one_rank_matches_torch_batch_norm(one_rank_group, memory_format):
 def test_gradcheck_through_the_exchange(one_rank_group):
     bn = ft.SyncBatchNorm(3, dtype=torch.float64, track_running_stats=False)
     x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: torch.nn.functional.batch_norm(
-        x, None, None, w, b, True) * 0 + bn(x), (x, bn.weight, bn.bias))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+    # weight and bias are the module's own parameters: gradcheck perturbs them in place.
+    assert torch.autograd.gradcheck(lambda x, weight, bias: bn(x), (x, bn.weight, bn.bias))
 
 
 def test_one_collective_per_training_step_and_none_in_eval(one_rank_group):
