@@ -18,9 +18,10 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     raise ImportError("fastbn.torch needs PyTorch; install it with the extra: "
                       "pip install 'fastbn[torch]' (which pins torch==2.13.0)") from error
 
-from .functional import batch_norm, covered_by_kernels
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+from .functional import batch_norm, batch_norm_relu, covered_by_kernels
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BNReLU1d, BNReLU2d, BNReLU3d, convert
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert",
-           "covered_by_kernels", "SyncBatchNorm", "convert_sync_batchnorm"]
+           "covered_by_kernels", "SyncBatchNorm", "convert_sync_batchnorm", "BNReLU1d",
+           "BNReLU2d", "BNReLU3d", "batch_norm_relu"]

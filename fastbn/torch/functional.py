@@ -13,7 +13,7 @@ import torch.nn.functional as torch_functional
 from . import ops
 from .tensors import in_kernel_layout
 
-__all__ = ["batch_norm", "covered_by_kernels"]
+__all__ = ["batch_norm", "batch_norm_relu", "covered_by_kernels"]
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -33,9 +33,23 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                momentum=0.1, eps=1e-5):
     """Mirror of ``torch.nn.functional.batch_norm``: same arguments, same result, same
     in-place update of ``running_mean`` and ``running_var`` in training."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       relu=False)
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5):
+    """``torch.relu(torch.nn.functional.batch_norm(...))`` with the ReLU fused into the
+    kernels' normalize pass, and a backward that recomputes its mask (no extra tensor)."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       relu=True)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
     if not covered_by_kernels(input, running_mean, running_var, weight, bias):
-        return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                           training, momentum, eps)
+        y = torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                        training, momentum, eps)
+        return torch.relu(y) if relu else y
     # Copy odd striding here, as a traced op, rather than inside the custom op: inductor then
     # sees the copy, and the op's input and output strides are the plain ones it expects.
     input, _ = in_kernel_layout(input)
@@ -44,11 +58,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         torch_functional._verify_batch_size(input.size())
         if not torch.compiler.is_compiling():
             return ops.TrainFunction.apply(input, weight, bias, running_mean, running_var,
-                                           momentum, eps)[0]
+                                           momentum, eps, relu)[0]
         # The registered op mutates nothing, so that torch.compile can trace it; the buffers
         # take its new running statistics here, which the compiled graph keeps as a copy.
         y, _, _, new_mean, new_var = ops.batch_norm_train(input, weight, bias, running_mean,
-                                                          running_var, momentum, eps)
+                                                          running_var, momentum, eps, relu)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.copy_(new_mean)
@@ -57,4 +71,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
     evaluate = ops.batch_norm_eval if torch.compiler.is_compiling() else ops.EvalFunction.apply
-    return evaluate(input, running_mean, running_var, weight, bias, eps)
+    return evaluate(input, running_mean, running_var, weight, bias, eps, relu)

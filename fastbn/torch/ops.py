@@ -8,6 +8,10 @@ Four ops, each a thin call into :mod:`fastbn.functional` on NumPy views of the t
 - ``fastbn::batch_norm_eval``: normalize with the running statistics.
 - ``fastbn::batch_norm_backward`` and ``fastbn::batch_norm_eval_backward``: their gradients.
 
+Each takes ``relu`` (default False): with it, the op is batch norm followed by ReLU, fused in
+the kernels' passes (fastbn.functional's batch_norm_relu_*), and the backward ops take the
+forward's bias, from which the kernels recompute the ReLU mask.
+
 Validation is the functional layer's; a bad call raises its ValueError or TypeError before any
 kernel runs. Double backward (``create_graph=True``) differentiates a torch-ops formulation of
 the same function, so second-order gradients are exact rather than silently truncated.
@@ -64,12 +68,14 @@ def _running_out(buffer, x):
 # ----------------------------------------------------------------------------- training forward
 
 @_torch_thread_count
-def train_in_place(x, weight, bias, running_mean, running_var, momentum, eps):
+def train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
     """(y, save_mean, save_invstd), updating running_mean and running_var (when not None) in
-    place, as torch's own kernel does. Saved statistics are float64."""
+    place, as torch's own kernel does. Saved statistics are float64. With relu, y is
+    max(0, batch norm), in the same pass."""
     x, channels_last = in_kernel_layout(x)
     y = empty_in_layout(x, channels_last)
-    _, save_mean, save_invstd = F.batch_norm_forward(
+    forward = F.batch_norm_relu_forward if relu else F.batch_norm_forward
+    _, save_mean, save_invstd = forward(
         as_array(x, channels_last), _array(weight), _array(bias), eps,
         running_mean=_array(running_mean), running_var=_array(running_var), momentum=momentum,
         channels_last=channels_last, out=as_array(y, channels_last))
@@ -78,7 +84,7 @@ def train_in_place(x, weight, bias, running_mean, running_var, momentum, eps):
 
 def train_kernels(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  momentum: float, eps: float
+                  momentum: float, eps: float, relu: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, save_mean, save_invstd, new_running_mean, new_running_var): the op form, which
     mutates nothing; the new running statistics are empty when running_mean is None."""
@@ -86,7 +92,7 @@ def train_kernels(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     new_var = _running_out(None, x) if running_var is None else running_var.clone()
     y, save_mean, save_invstd = train_in_place(
         x, weight, bias, None if running_mean is None else new_mean,
-        None if running_var is None else new_var, momentum, eps)
+        None if running_var is None else new_var, momentum, eps, relu)
     return y, save_mean, save_invstd, new_mean, new_var
 
 
@@ -95,7 +101,7 @@ batch_norm_train = torch.library.custom_op("fastbn::batch_norm_train", train_ker
 
 
 @batch_norm_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
     n_channels = x.shape[1]
     return (_empty_output(x), _stats_like(x, n_channels), _stats_like(x, n_channels),
             _running_out(running_mean, x), _running_out(running_var, x))
@@ -105,17 +111,19 @@ def _setup_train(ctx, inputs, output, eager=False):
     x, weight, bias, *_ = inputs
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
     ctx.eps = inputs[6]
+    ctx.relu = inputs[7]
     ctx.eager = eager
 
 
 def _backward_train(ctx, grad_y, *_unused):
     x, weight, bias, save_mean, save_invstd = ctx.saved_tensors
     if torch.is_grad_enabled():
-        return _differentiable_backward(ctx, grad_y, x, weight, bias, training=True) + (None,) * 4
+        return _differentiable_backward(ctx, grad_y, x, weight, bias, training=True) + (None,) * 5
     backward = backward_kernels if ctx.eager else batch_norm_backward
-    dx, grad_weight, grad_bias = backward(grad_y, x, save_mean, save_invstd, weight)
+    dx, grad_weight, grad_bias = backward(grad_y, x, save_mean, save_invstd, weight, bias,
+                                          ctx.relu)
     return (dx, grad_weight if weight is not None else None,
-            grad_bias if bias is not None else None, None, None, None, None)
+            grad_bias if bias is not None else None, None, None, None, None, None)
 
 
 batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
@@ -125,13 +133,15 @@ batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
 
 @_torch_thread_count
 def eval_kernels(x: Tensor, running_mean: Tensor, running_var: Tensor,
-                    weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """y normalized with the running statistics."""
+                    weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    relu: bool = False) -> Tensor:
+    """y normalized with the running statistics (and its ReLU, with relu)."""
     x, channels_last = in_kernel_layout(x)
     y = empty_in_layout(x, channels_last)
-    F.batch_norm(as_array(x, channels_last), _array(running_mean), _array(running_var),
-                 _array(weight), _array(bias), training=False, eps=eps,
-                 channels_last=channels_last, out=as_array(y, channels_last))
+    evaluate = F.batch_norm_relu if relu else F.batch_norm
+    evaluate(as_array(x, channels_last), _array(running_mean), _array(running_var),
+             _array(weight), _array(bias), training=False, eps=eps, channels_last=channels_last,
+             out=as_array(y, channels_last))
     return y
 
 
@@ -140,14 +150,15 @@ batch_norm_eval = torch.library.custom_op("fastbn::batch_norm_eval", eval_kernel
 
 
 @batch_norm_eval.register_fake
-def _(x, running_mean, running_var, weight, bias, eps):
+def _(x, running_mean, running_var, weight, bias, eps, relu=False):
     return _empty_output(x)
 
 
 def _setup_eval(ctx, inputs, output, eager=False):
-    x, running_mean, running_var, weight, bias, eps = inputs
+    x, running_mean, running_var, weight, bias, eps, relu = inputs
     ctx.save_for_backward(x, running_mean, running_var, weight, bias)
     ctx.eps = eps
+    ctx.relu = relu
     ctx.eager = eager
 
 
@@ -159,10 +170,10 @@ def _backward_eval(ctx, grad_y):
     else:
         backward = eval_backward_kernels if ctx.eager else batch_norm_eval_backward
         dx, grad_weight, grad_bias = backward(grad_y, x, running_mean, running_var, weight,
-                                              ctx.eps)
+                                              ctx.eps, bias, ctx.relu)
     # Running statistics are buffers: torch gives them no gradient either.
     return (dx, None, None, grad_weight if weight is not None else None,
-            grad_bias if bias is not None else None, None)
+            grad_bias if bias is not None else None, None, None)
 
 
 batch_norm_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
@@ -175,21 +186,29 @@ def _grad_like(weight, x, n_channels):
     return x.new_empty((n_channels,), dtype=dtype)
 
 
-def _run_backward(grad_y, x, mean, invstd, weight, training):
+def _run_backward(grad_y, x, mean, invstd, weight, training, bias, relu):
     x, channels_last = in_kernel_layout(x)
     dx = empty_in_layout(x, channels_last)
-    _, grad_weight, grad_bias = F.batch_norm_backward(
-        array_in_layout(grad_y, channels_last), as_array(x, channels_last), mean, invstd,
-        _array(weight), training=training, channels_last=channels_last,
-        out=as_array(dx, channels_last))
+    grad_y = array_in_layout(grad_y, channels_last)
+    if relu:
+        _, grad_weight, grad_bias = F.batch_norm_relu_backward(
+            grad_y, as_array(x, channels_last), mean, invstd, _array(weight), _array(bias),
+            training=training, channels_last=channels_last, out=as_array(dx, channels_last))
+    else:
+        _, grad_weight, grad_bias = F.batch_norm_backward(
+            grad_y, as_array(x, channels_last), mean, invstd, _array(weight),
+            training=training, channels_last=channels_last, out=as_array(dx, channels_last))
     return dx, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
 
 
 @_torch_thread_count
 def backward_kernels(grad_y: Tensor, x: Tensor, save_mean: Tensor, save_invstd: Tensor,
-                        weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, grad_weight, grad_bias) of a training forward, through the batch statistics."""
-    return _run_backward(grad_y, x, save_mean.numpy(), save_invstd.numpy(), weight, True)
+                        weight: Optional[Tensor], bias: Optional[Tensor] = None,
+                        relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, grad_weight, grad_bias) of a training forward, through the batch statistics (and
+    the ReLU, with relu; bias is then the forward's)."""
+    return _run_backward(grad_y, x, save_mean.numpy(), save_invstd.numpy(), weight, True, bias,
+                         relu)
 
 
 batch_norm_backward = torch.library.custom_op("fastbn::batch_norm_backward", backward_kernels,
@@ -197,7 +216,7 @@ batch_norm_backward = torch.library.custom_op("fastbn::batch_norm_backward", bac
 
 
 @batch_norm_backward.register_fake
-def _(grad_y, x, save_mean, save_invstd, weight):
+def _(grad_y, x, save_mean, save_invstd, weight, bias=None, relu=False):
     n_channels = x.shape[1]
     return (_empty_output(x), _grad_like(weight, x, n_channels),
             _grad_like(weight, x, n_channels))
@@ -205,12 +224,14 @@ def _(grad_y, x, save_mean, save_invstd, weight):
 
 @_torch_thread_count
 def eval_backward_kernels(grad_y: Tensor, x: Tensor, running_mean: Tensor,
-                             running_var: Tensor, weight: Optional[Tensor], eps: float
+                             running_var: Tensor, weight: Optional[Tensor], eps: float,
+                             bias: Optional[Tensor] = None, relu: bool = False
                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, grad_weight, grad_bias) of an eval forward: a fixed per-channel affine map."""
+    """(dx, grad_weight, grad_bias) of an eval forward: a fixed per-channel affine map (and
+    the ReLU, with relu; bias is then the forward's)."""
     mean = as_array(running_mean).astype(np.float64)
     invstd = F.running_invstd(as_array(running_var), eps)
-    return _run_backward(grad_y, x, mean, invstd, weight, False)
+    return _run_backward(grad_y, x, mean, invstd, weight, False, bias, relu)
 
 
 batch_norm_eval_backward = torch.library.custom_op(
@@ -219,7 +240,7 @@ batch_norm_eval_backward = torch.library.custom_op(
 
 
 @batch_norm_eval_backward.register_fake
-def _(grad_y, x, running_mean, running_var, weight, eps):
+def _(grad_y, x, running_mean, running_var, weight, eps, bias=None, relu=False):
     n_channels = x.shape[1]
     return (_empty_output(x), _grad_like(weight, x, n_channels),
             _grad_like(weight, x, n_channels))
@@ -288,6 +309,8 @@ def _differentiable_backward(ctx, grad_y, x, weight, bias, training, running=Non
             y = y * weight.reshape(shape)
         if bias is not None:
             y = y + bias.reshape(shape)
+        if ctx.relu:
+            y = torch.relu(y)
         grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True,
                                          allow_unused=True) if inputs else ())
     return tuple(next(grads) if t is not None and t.requires_grad else None
