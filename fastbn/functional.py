@@ -512,8 +512,8 @@ def batch_norm_grad_input(dy, x, mean, invstd, grad_sums, count, weight=None, *,
 
     ``grad_sums`` is the (2, C) :func:`batch_norm_grad_sums` of the whole batch (the sum of
     every shard's), ``count`` the batch's values per channel, and mean, invstd the statistics
-    the forward normalized with:
-    ``dx = w * invstd * (dy - sum(dy) / count - (x - mean) * invstd**2 * sum(dy * (x - mean)) / count)``.
+    the forward normalized with ``dx = w * invstd * (dy - sum(dy) / count - (x - mean) *
+    invstd**2 * sum(dy * (x - mean)) / count)``.
     """
     dy, x = gradient_args(dy, x, channels_last)
     n_channels = x.shape[-1 if channels_last else 1]

@@ -3,8 +3,9 @@
 A thin adapter over the NumPy side. The exchange, its failure status and the rank-order merge
 are fastbn.distributed's, run over a torch.distributed process group through
 :class:`ProcessGroupComm` (one ``all_gather_single``, formerly ``all_gather_into_tensor``, of
-float64 rows per training forward and one per backward). The arithmetic is fastbn.functional's split training phases on
-zero-copy NumPy views of the tensors (fastbn.torch.tensors), inside a torch.autograd.Function.
+float64 rows per training forward and one per backward). The arithmetic is
+fastbn.functional's split training phases on zero-copy NumPy views of the tensors
+(fastbn.torch.tensors), inside a torch.autograd.Function.
 
 torch 2.13's ``nn.SyncBatchNorm`` refuses CPU tensors, and DistributedDataParallel refuses CPU
 modules that contain it; this class subclasses ``_BatchNorm`` instead, and patches nothing.
