@@ -15,6 +15,7 @@ import fastbn.torch as ft  # noqa: E402
 from fastbn.torch import ops  # noqa: E402
 import reference as ref  # noqa: E402
 from conftest import shape_id  # noqa: E402
+from test_torch_parity import CONFIGS  # noqa: E402  (the module configurations)
 from torch_cases import (MEMORY_FORMATS, TORCH_BATCHNORM, TORCH_DTYPE, backward_scales,  # noqa: E402
                          batch_stats, forward_scale, random_params, random_tensor)
 
@@ -22,13 +23,6 @@ pytestmark = pytest.mark.torch
 
 FAST_BATCHNORM = {2: ft.BatchNorm1d, 3: ft.BatchNorm1d, 4: ft.BatchNorm2d, 5: ft.BatchNorm3d}
 
-CONFIGS = [
-    dict(),
-    dict(momentum=None),
-    dict(momentum=0.3, eps=1e-3),
-    dict(affine=False),
-    dict(track_running_stats=False),
-]
 CASES = [(shape, memory_format) for shape in [(6, 3), (3, 4, 7), (2, 3, 5, 4), (2, 2, 3, 2, 3)]
          for memory_format in MEMORY_FORMATS[len(shape)]]
 
