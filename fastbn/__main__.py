@@ -68,6 +68,9 @@ def parse_args(argv):
                              "policy (needs the 'torch' extra; about 10 minutes)")
     parser.add_argument("--steps", type=int, default=20, metavar="N",
                         help="training steps per configuration for --bridge-model")
+    parser.add_argument("--rounds", type=int, default=2, metavar="N",
+                        help="interleaved rounds for --bridge-model; each configuration "
+                             "keeps its fastest")
     args = parser.parse_args(argv)
     from .report.load import DEFAULT_SHAPES as LOAD_SHAPES
 
@@ -187,7 +190,7 @@ def _bridge_main(parser, args, threads):
         results["layers"] = bridge.run_layers(args.shapes, threads,
                                               budget_s=0.2 if args.quick else 0.5)
     if args.bridge_model:
-        results["model"] = bridge.run_model(steps=args.steps)
+        results["model"] = bridge.run_model(steps=args.steps, rounds=args.rounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
