@@ -141,3 +141,18 @@ def test_combine_takes_cell_medians_over_runs(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Median of 2 runs" in out.stdout and "| backward  | NHWC   | 2x4x8x8" in out.stdout
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the bridge benchmark needs torch")
+def test_bridge_report_times_both_implementations_per_cell(tmp_path):
+    path = tmp_path / "bridge.json"
+    proc = run_report("--bridge", "--quick", "--shapes", "2x4x8x8", "128x1024", "--json",
+                      str(path))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(path.read_text())["layers"]
+    assert [(r["shape"], r["memory_format"]) for r in rows] == [
+        ([2, 4, 8, 8], "contiguous"), ([2, 4, 8, 8], "channels_last"), ([128, 1024], "contiguous")]
+    for row in rows:
+        assert row["torch_s"] > 0 and row["fastbn_s"] > 0
+        assert row["speedup"] == pytest.approx(row["torch_s"] / row["fastbn_s"])
+    assert "median speedup" in proc.stdout
