@@ -310,3 +310,27 @@ def test_module_output_is_relu_of_the_batch_norm_module_bit_for_bit(dtype, chann
         np.testing.assert_array_equal(dx, dx_plain)
         np.testing.assert_array_equal(fused.grad_weight, plain.grad_weight)
         np.testing.assert_array_equal(fused.grad_bias, plain.grad_bias)
+
+
+def readme_example(heading, index=0):
+    """The index-th ```python block after `heading` in README.md, exactly as written."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index(heading):]
+    start = 0
+    for _ in range(index + 1):
+        start = section.index("```python\n", start) + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+@pytest.mark.parametrize("heading", ["## Fused BatchNorm + ReLU",
+                                     "## Folding batch norm into the preceding layer"])
+def test_readme_examples_run_as_written(heading):
+    exec(compile(readme_example(heading), f"README {heading}", "exec"), {})
+
+
+@pytest.mark.torch
+def test_readme_torch_example_runs_as_written():
+    pytest.importorskip("torch")
+    exec(compile(readme_example("## Fused BatchNorm + ReLU", 1), "README torch", "exec"), {})
