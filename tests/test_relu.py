@@ -198,6 +198,38 @@ def test_nan_passes_through_relu_as_in_torch(dtype):
     assert gb[1] == np.count_nonzero(y[:, 1] > 0)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_masked_inf_and_nan_gradients_give_zero_as_in_torch(training, dtype, channels_last):
+    """torch's threshold_backward selects 0 where the ReLU was off, whatever dy holds there;
+    a product dy * mask would turn inf and NaN into NaN for the whole channel."""
+    rng = np.random.default_rng(13)
+    shape = (4, 3, 8, 8)
+    x = make_input(rng, shape, dtype, channels_last)
+    weight, bias = make_params(rng, 3, dtype)
+    if training:
+        y, mean, invstd = fastbn.batch_norm_relu_forward(x, weight, bias,
+                                                         channels_last=channels_last)
+    else:
+        running_mean, running_var = make_running(rng, 3, dtype)
+        y = fastbn.batch_norm_relu(x, running_mean, running_var, weight, bias,
+                                   channels_last=channels_last)
+        mean = running_mean.astype(np.float64)
+        invstd = fastbn.functional.running_invstd(running_var, 1e-5)
+    dy = make_input(rng, shape, dtype, channels_last)
+    off = np.flatnonzero(y.reshape(-1) == 0)
+    assert off.size >= 2
+    dy.reshape(-1)[off[0]] = np.inf
+    dy.reshape(-1)[off[1]] = np.nan
+    dx, gw, gb = fastbn.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias,
+                                                 training=training,
+                                                 channels_last=channels_last)
+    assert np.all(np.isfinite(dx)) and np.all(np.isfinite(gw)) and np.all(np.isfinite(gb))
+    masked = np.where(y > 0, dy, 0).astype(dtype)
+    for got, expected in zip((dx, gw, gb), fastbn.batch_norm_backward(
+            masked, x, mean, invstd, weight, training=training, channels_last=channels_last)):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_relu_backward_checks_bias_like_weight(rng):
     x = make_input(rng, (4, 3), np.float32)
     _, mean, invstd = fastbn.batch_norm_relu_forward(x)
