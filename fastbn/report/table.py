@@ -20,7 +20,11 @@ def format_seconds(seconds):
 
 
 def format_ratio(value):
-    return "—" if value is None else f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
+    if value is None:
+        return "—"
+    if value < 0.01:  # a peer's stall-free sample against a stalled baseline, say
+        return f"{value:.1g}×"
+    return f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
 
 
 def format_fraction(value):
