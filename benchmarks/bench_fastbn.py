@@ -12,7 +12,7 @@ import numpy as np
 import fastbn
 
 from .common import (EPS, LAYOUTS, MOMENTUM, PARAM_NAMES, PARAMS, SMOKE, make_arrays,
-                     parse_shape, relu_passes)
+                     parse_shape, relu_passes, require_dtype_support)
 
 
 class BatchNormOps:
@@ -23,6 +23,7 @@ class BatchNormOps:
     param_names = PARAM_NAMES
 
     def setup(self, shape, layout, dtype):
+        require_dtype_support(fastbn, dtype)
         a = make_arrays(shape, layout, dtype)
         self.x, self.dy, self.w, self.b = a["x"], a["dy"], a["weight"], a["bias"]
         self.rm, self.rv = a["running_mean"], a["running_var"]
@@ -102,11 +103,12 @@ class ModuleTrainingStep:
     param_names = PARAM_NAMES
 
     def setup(self, shape, layout, dtype):
+        require_dtype_support(fastbn, dtype)
         a = make_arrays(shape, layout, dtype)
         self.x, self.dy = a["x"], a["dy"]
         module_class = _MODULES[len(parse_shape(shape))]
         self.module = module_class(self.x.shape[-1 if layout == "NHWC" else 1],
-                                   channels_last=layout == "NHWC", dtype=dtype)
+                                   channels_last=layout == "NHWC", dtype=self.x.dtype)
         self.module.train()
 
     def peakmem_training_step(self, shape, layout, dtype):

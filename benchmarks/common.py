@@ -15,14 +15,17 @@ import numpy as np
 # `python -m fastbn`: filling it in every asv process would dominate the suite's run time.
 SHAPES = ["32x64x56x56", "256x512x7x7", "128x1024", "16x32x8x32x32", "2x4x8x8"]
 LAYOUTS = ["NCHW", "NHWC"]
-DTYPES = ["float32", "float64"]
+# float16 and bfloat16 are storage formats with float32 parameters (torch's mixed precision);
+# commits before they existed show n/a for them.
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
 # CI's smoke run (.ci/asv-smoke) only checks that every benchmark still runs: one 4-D and one
-# 2-D shape in float32 exercise the plane and the row kernels in a fraction of the time.
+# 2-D shape in float32 and bfloat16 exercise the plane and the row kernels, and the 16-bit
+# loads and stores, in a fraction of the time.
 # Results recorded this way have other parameters, so never publish them.
 SMOKE = bool(os.environ.get("FASTBN_ASV_SMOKE"))
 if SMOKE:
     SHAPES = ["8x16x32x32", "128x1024"]
-    DTYPES = ["float32"]
+    DTYPES = ["float32", "bfloat16"]
 # A history over many commits on a 2-core machine: the full grid takes about an hour per
 # commit with proper repeats, so FASTBN_ASV_GRID=history keeps one streamed 4-D shape, the
 # (N, C) matrix and the tiny tensor, in float32. Its results share keys with the full grid's,
@@ -56,20 +59,46 @@ def reduce_axes(ndim, layout):
     return tuple(a for a in range(ndim) if a != axis)
 
 
+def numpy_dtype(name):
+    """The NumPy dtype of a DTYPES entry; NotImplementedError (asv: n/a) for bfloat16 without
+    ml_dtypes."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise NotImplementedError("bfloat16 needs ml_dtypes (the lowp extra)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def make_arrays(shape_label, layout, dtype, seed=0):
-    """Filled inputs: every page is touched here, so no page fault lands in a timing."""
+    """Filled inputs: every page is touched here, so no page fault lands in a timing. 16-bit
+    inputs come with float32 parameters and buffers."""
     shape = layout_shape(parse_shape(shape_label), layout)
     n_channels = shape[channel_axis(len(shape), layout)]
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype) * 2 + 0.5
+    dtype = numpy_dtype(dtype)
+    param_dtype = np.float32 if dtype.itemsize == 2 else dtype
+    # Scaled in float32 and rounded once: NumPy has no bfloat16 arithmetic of its own.
+    x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 0.5).astype(dtype)
     return {
         "x": x,
         "dy": rng.standard_normal(shape, dtype=np.float32).astype(dtype),
-        "weight": rng.uniform(0.5, 1.5, n_channels).astype(dtype),
-        "bias": rng.uniform(-0.5, 0.5, n_channels).astype(dtype),
-        "running_mean": rng.uniform(-0.1, 0.1, n_channels).astype(dtype),
-        "running_var": rng.uniform(0.5, 2.0, n_channels).astype(dtype),
+        "weight": rng.uniform(0.5, 1.5, n_channels).astype(param_dtype),
+        "bias": rng.uniform(-0.5, 0.5, n_channels).astype(param_dtype),
+        "running_mean": rng.uniform(-0.1, 0.1, n_channels).astype(param_dtype),
+        "running_var": rng.uniform(0.5, 2.0, n_channels).astype(param_dtype),
     }
+
+
+def require_dtype_support(fastbn, dtype):
+    """NotImplementedError (asv: n/a) when the benchmarked fastbn predates 16-bit input."""
+    if numpy_dtype(dtype).itemsize != 2:
+        return
+    try:
+        fastbn.channel_moments(np.zeros((2, 1), numpy_dtype(dtype)))
+    except TypeError:
+        raise NotImplementedError(f"this fastbn has no {dtype} input") from None
 
 
 def numba_threads():
@@ -140,7 +169,11 @@ def torch_view(torch, array, layout):
     """The (N, C, *spatial) tensor of an array, sharing its memory. An NHWC array becomes
     torch's channels_last (4-D) or channels_last_3d (5-D) tensor; torch has no channels-last
     format for 3-D, so (N, L, C) is a strided (N, C, L) view; 2-D is one layout in both."""
-    tensor = torch.from_numpy(array)
+    if array.dtype.itemsize == 2:  # torch.from_numpy knows no bfloat16: share the bits
+        bits = torch.from_numpy(array.view(np.int16))
+        tensor = bits.view(torch.float16 if array.dtype == np.float16 else torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
     if layout == "NHWC" and array.ndim > 2:
         return tensor.permute(0, array.ndim - 1, *range(1, array.ndim - 1))
     return tensor

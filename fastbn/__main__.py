@@ -44,7 +44,10 @@ def parse_args(argv):
                         help="fewer repeats and a smaller bandwidth buffer (about 30 s)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="Numba and torch threads (default: Numba's current count)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                        default="float32",
+                        help="input dtype; float16 and bfloat16 (the lowp extra) run with "
+                             "float32 parameters, torch's mixed precision, in torch as well")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help="(batch, channels, *spatial) shapes such as 32x64x56x56 128x1024 "
                              "(default: the built-in grid of 8 shapes)")
@@ -79,6 +82,10 @@ def parse_args(argv):
         args.shapes = [R.parse_shape(s) for s in args.shapes] if args.shapes else \
             [tuple(s) for s in defaults]
     except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        R.resolve_dtype(args.dtype)
+    except ImportError as exc:  # bfloat16 without the lowp extra
         parser.error(str(exc))
     return parser, args
 

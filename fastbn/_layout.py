@@ -3,8 +3,10 @@
 A channels-first tensor (N, C, *spatial) becomes an (N, C, L) view for the plane kernels. A
 channels-last tensor (N, *spatial, C), and any tensor with one value per channel per sample,
 becomes a flat (rows * C,) view for the row kernels. Both are views: contiguous input is never
-copied. A Plan records the partition, which depends on the shape alone (never on the thread
-count), so results are bitwise reproducible.
+copied; float16 and bfloat16 tensors are seen through uint16 views of their bits, which the
+kernels decode as their storage format says (see kernels/lowp.py). A Plan records the
+partition, which depends on the shape alone (never on the thread count), so results are
+bitwise reproducible.
 """
 
 import threading
@@ -12,6 +14,8 @@ from collections import OrderedDict
 from math import gcd
 
 import numpy as np
+
+from .kernels.lowp import BFLOAT16, FLOAT16, NATIVE
 
 # Values per work item. Each item is reduced in one pass, so the size only trades the cost of
 # merging items (done serially, per channel) against load balance and the shifted-sum error
@@ -103,17 +107,33 @@ class Plan:
 
     def view(self, x):
         """The kernel view of a C-contiguous x."""
+        if x.dtype.itemsize == 2:
+            x = x.view(np.uint16)
         if self.kind == "rows":
             return x.reshape(-1)
         return x.reshape(self.n_batch, self.n_channels, self.length)
 
 
+def storage_format(dtype):
+    """The kernels' storage format for data of a validated dtype."""
+    if dtype.itemsize != 2:
+        return NATIVE
+    return FLOAT16 if dtype == np.float16 else BFLOAT16
+
+
+def coefficient_dtype(dtype):
+    """The dtype of the per-channel coefficients the normalize passes use: the data's own, or
+    float32 for 16-bit data, whose arithmetic is float32 as in PyTorch's CPU kernels."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
 class Workspace:
-    """Scratch buffers for one plan and dtype; reused across calls by one thread."""
+    """Scratch buffers for one plan and data dtype; reused across calls by one thread."""
 
     __slots__ = ("part_a", "part_b", "lanes", "coef", "coef_lanes")
 
     def __init__(self, plan, dtype):
+        dtype = coefficient_dtype(dtype)
         if plan.kind == "planes":
             self.part_a = np.empty((plan.n_channels, plan.items_per_channel), np.float64)
             self.part_b = np.empty((plan.n_channels, plan.items_per_channel), np.float64)

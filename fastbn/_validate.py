@@ -7,21 +7,57 @@ the argument, what was expected and what arrived.
 import numpy as np
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INPUT_DTYPES = "float32, float64, float16 or bfloat16"
+_LOWP_HINT = "bfloat16 needs the ml_dtypes package: pip install 'fastbn[lowp]'"
+
+
+def bfloat16_dtype():
+    """ml_dtypes.bfloat16 as a NumPy dtype; imported on first use, so that fastbn itself never
+    needs ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(_LOWP_HINT) from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_input_dtype(dtype):
+    """Whether data of this dtype can be normalized: float32 and float64, and the 16-bit
+    storage formats float16 and bfloat16 (computed in float32, statistics in float64)."""
+    if dtype in _FLOAT_DTYPES or dtype == np.float16:
+        return True
+    # Only a bfloat16 array can bring this name, and with it ml_dtypes, already imported.
+    return dtype.name == "bfloat16" and dtype == bfloat16_dtype()
+
+
+def resolve_dtype(dtype):
+    """A dtype argument ("bfloat16", np.float16, ml_dtypes.bfloat16, ...) as an np.dtype; a
+    bfloat16 request without ml_dtypes raises an ImportError naming the lowp extra."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return bfloat16_dtype()
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be {_INPUT_DTYPES}, got {dtype!r}") from None
+
+
+def parameter_dtype(dtype):
+    """Parameters and running buffers of a model whose activations have this dtype: the same
+    for float32 and float64, float32 for float16 and bfloat16 (torch's mixed precision)."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
 def as_float_array(x, name="x"):
-    """x as a float32/float64 ndarray, or a TypeError that says what was wrong."""
+    """x as an ndarray of an input dtype (see is_input_dtype), or a TypeError that says what
+    was wrong."""
     if type(x) is not np.ndarray:
         try:
             x = np.asarray(x)
         except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be an array of float32 or float64 values; "
+            raise TypeError(f"{name} must be an array of {_INPUT_DTYPES} values; "
                             f"np.asarray failed: {exc}") from None
-    if x.dtype not in _FLOAT_DTYPES:
-        if x.dtype == np.float16:
-            raise TypeError(f"{name} has dtype float16, which fastbn does not support; "
-                            "convert it with x.astype(np.float32)")
-        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if not is_input_dtype(x.dtype):
+        raise TypeError(f"{name} must have dtype {_INPUT_DTYPES}, got {x.dtype}")
     return x
 
 

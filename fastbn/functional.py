@@ -4,8 +4,13 @@ This layer validates (with the checks in _validate), builds kernel views and dis
 kernels do the arithmetic. Everything is checked before the first kernel runs, so a call that
 raises changes nothing.
 
-Statistics are float64 for float32 and float64 input alike. Saved statistics (``save_mean``,
+Statistics are float64 for every input dtype. Saved statistics (``save_mean``,
 ``save_invstd``) are float64 arrays of shape (C,).
+
+Inputs may be float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``, the ``lowp``
+extra). The 16-bit formats are storage only, as in PyTorch's mixed precision: the kernels read
+and write their bits and compute in float32, y and dx keep the input's dtype, and weight, bias
+and the running buffers are float32 (or float64), as are grad_weight and grad_bias.
 """
 
 import numba
@@ -15,10 +20,10 @@ from .kernels import nchw as planes
 from .kernels import nchw_short as short
 from .kernels import nhwc as rows
 from .kernels.moments import finish_merged_moments
-from ._layout import plan_for, workspace_for
+from ._layout import plan_for, storage_format, workspace_for
 from ._validate import (as_float_array, channel_vector, check_batch_size, check_channels,
                         check_eps, check_momentum, check_no_overlap, checked_output,
-                        contiguous, new_or_checked_output)
+                        contiguous, new_or_checked_output, parameter_dtype)
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "channel_moments",
            "merge_moments", "batch_norm_merged_stats", "batch_norm_normalize",
@@ -30,6 +35,7 @@ _zeros = {}
 
 
 def _params(weight, bias, n_channels, dtype):
+    dtype = parameter_dtype(dtype)
     if weight is None:
         weight = _ones.get((n_channels, dtype))
         if weight is None:
@@ -131,20 +137,21 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
     saved = np.empty((2, n_channels), np.float64)
     save_mean, save_invstd = saved[0], saved[1]
     ws = workspace_for(plan, x.dtype)
+    fmt = storage_format(x.dtype)
     if plan.kind == "short":
         short.train_forward_nchw_short.select(x.size)(
-            plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
+            fmt, plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
             plan.sample_block, plan.channel_block, ws.lanes, save_mean, save_invstd, ws.coef,
             relu, plan.view(y))
     elif plan.kind == "planes":
         kernel = _planes_kernel(planes.train_forward_nchw_by_channel,
                                 planes.train_forward_nchw_by_block, plan, x.size)
-        kernel(plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
+        kernel(fmt, plan.view(x), weight, bias, eps, momentum, update, running_mean, running_var,
                plan.group, plan.chunk, ws.part_a, ws.part_b, save_mean, save_invstd, ws.coef,
                relu, plan.view(y))
     else:
         rows.train_forward_nhwc.select(x.size)(
-            plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
+            fmt, plan.view(x), n_channels, weight, bias, eps, momentum, update, running_mean,
             running_var, plan.block_rows, plan.interleave_rows(x.itemsize), ws.lanes, save_mean,
             save_invstd, ws.coef, ws.coef_lanes, relu, plan.view(y))
     return y, save_mean, save_invstd
@@ -159,16 +166,17 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last
     plan = plan_for(x.shape, channels_last)
     weight, bias = _params(weight, bias, plan.n_channels, x.dtype)
     ws = workspace_for(plan, x.dtype)
+    fmt = storage_format(x.dtype)
     if plan.kind == "short":
         short.eval_forward_nchw_short.select(x.size)(
-            plan.view(x), running_mean, running_var, weight, bias, eps, plan.sample_block,
+            fmt, plan.view(x), running_mean, running_var, weight, bias, eps, plan.sample_block,
             plan.channel_block, ws.coef, relu, plan.view(y))
     elif plan.kind == "planes":
-        planes.eval_forward_nchw.select(x.size)(plan.view(x), running_mean, running_var, weight,
-                                                bias, eps, plan.group, plan.chunk, ws.coef,
-                                                relu, plan.view(y))
+        planes.eval_forward_nchw.select(x.size)(fmt, plan.view(x), running_mean, running_var,
+                                                weight, bias, eps, plan.group, plan.chunk,
+                                                ws.coef, relu, plan.view(y))
     else:
-        rows.eval_forward_nhwc.select(x.size)(plan.view(x), plan.n_channels, running_mean,
+        rows.eval_forward_nhwc.select(x.size)(fmt, plan.view(x), plan.n_channels, running_mean,
                                               running_var, weight, bias, eps, plan.block_rows,
                                               ws.coef, ws.coef_lanes[:3], relu, plan.view(y))
     return y
@@ -258,7 +266,7 @@ def _backward(dy, x, mean, invstd, weight, bias, training, channels_last, out, r
     invstd = channel_vector(invstd, n_channels, "invstd")
     weight = channel_vector(weight, n_channels, "weight")
     bias = channel_vector(bias, n_channels, "bias")
-    param_dtype = weight.dtype if weight is not None else x.dtype
+    param_dtype = weight.dtype if weight is not None else parameter_dtype(x.dtype)
     x = contiguous(x)
     dy = contiguous(dy)
     if out is None:
@@ -276,9 +284,10 @@ def _backward(dy, x, mean, invstd, weight, bias, training, channels_last, out, r
     mean = mean.astype(np.float64, copy=False)
     invstd = invstd.astype(np.float64, copy=False)
     ws = workspace_for(plan, x.dtype)
+    fmt = storage_format(x.dtype)
     if plan.kind == "short":
         pair = short.train_backward_nchw_short if training else short.eval_backward_nchw_short
-        pair.select(x.size)(plan.view(dy), plan.view(x), mean, invstd, weight, bias,
+        pair.select(x.size)(fmt, plan.view(dy), plan.view(x), mean, invstd, weight, bias,
                             plan.sample_block, plan.channel_block, ws.lanes, ws.coef,
                             grad_weight, grad_bias, relu, plan.view(dx))
     elif plan.kind == "planes":
@@ -287,17 +296,18 @@ def _backward(dy, x, mean, invstd, weight, bias, training, channels_last, out, r
                                     planes.train_backward_nchw_by_block, plan, x.size)
         else:
             kernel = planes.eval_backward_nchw.select(x.size)
-        kernel(plan.view(dy), plan.view(x), mean, invstd, weight, bias, plan.group, plan.chunk,
-               ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, relu, plan.view(dx))
+        kernel(fmt, plan.view(dy), plan.view(x), mean, invstd, weight, bias, plan.group,
+               plan.chunk, ws.part_a, ws.part_b, ws.coef, grad_weight, grad_bias, relu,
+               plan.view(dx))
     else:
         if training:
             rows.train_backward_nhwc.select(x.size)(
-                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, bias,
+                fmt, plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, bias,
                 plan.block_rows, plan.interleave_rows(x.itemsize, n_inputs=2), ws.lanes, ws.coef,
                 ws.coef_lanes, grad_weight, grad_bias, relu, plan.view(dx))
         else:
             rows.eval_backward_nhwc.select(x.size)(
-                plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, bias,
+                fmt, plan.view(dy), plan.view(x), n_channels, mean, invstd, weight, bias,
                 plan.block_rows, ws.lanes, ws.coef, ws.coef_lanes, grad_weight, grad_bias, relu,
                 plan.view(dx))
     return dx, grad_weight, grad_bias
@@ -328,14 +338,15 @@ def _channel_moments(x, channels_last):
     mean = np.empty(n_channels, np.float64)
     m2 = np.empty(n_channels, np.float64)
     ws = workspace_for(plan, x.dtype)
+    fmt = storage_format(x.dtype)
     if plan.kind == "short":
-        short.moments_nchw_short.select(x.size)(plan.view(x), plan.sample_block,
+        short.moments_nchw_short.select(x.size)(fmt, plan.view(x), plan.sample_block,
                                                 plan.channel_block, ws.lanes, count, mean, m2)
     elif plan.kind == "planes":
-        planes.moments_nchw.select(x.size)(plan.view(x), plan.group, plan.chunk, ws.part_a,
+        planes.moments_nchw.select(x.size)(fmt, plan.view(x), plan.group, plan.chunk, ws.part_a,
                                            ws.part_b, count, mean, m2)
     else:
-        rows.moments_nhwc.select(x.size)(plan.view(x), n_channels, plan.block_rows,
+        rows.moments_nhwc.select(x.size)(fmt, plan.view(x), n_channels, plan.block_rows,
                                          plan.interleave_rows(x.itemsize), ws.lanes, count, mean,
                                          m2)
     return count, mean, m2
@@ -433,15 +444,16 @@ def _normalize(x, mean, invstd, weight, bias, channels_last, out):
     plan = plan_for(x.shape, channels_last)
     weight, bias = _params(weight, bias, plan.n_channels, x.dtype)
     ws = workspace_for(plan, x.dtype)
+    fmt = storage_format(x.dtype)
     if plan.kind == "short":
-        short.normalize_nchw_short.select(x.size)(plan.view(x), mean, invstd, weight, bias,
+        short.normalize_nchw_short.select(x.size)(fmt, plan.view(x), mean, invstd, weight, bias,
                                                   plan.sample_block, plan.channel_block,
                                                   ws.coef, plan.view(y))
     elif plan.kind == "planes":
-        planes.normalize_nchw.select(x.size)(plan.view(x), mean, invstd, weight, bias,
+        planes.normalize_nchw.select(x.size)(fmt, plan.view(x), mean, invstd, weight, bias,
                                              plan.group, plan.chunk, ws.coef, plan.view(y))
     else:
-        rows.normalize_nhwc.select(x.size)(plan.view(x), plan.n_channels, mean, invstd, weight,
+        rows.normalize_nhwc.select(x.size)(fmt, plan.view(x), plan.n_channels, mean, invstd, weight,
                                            bias, plan.block_rows, ws.coef, ws.coef_lanes[:3],
                                            plan.view(y))
     return y
@@ -491,15 +503,16 @@ def _grad_sums(dy, x, mean, channels_last):
     dy = contiguous(dy)
     plan = plan_for(x.shape, channels_last)
     ws = workspace_for(plan, x.dtype)
+    fmt = storage_format(x.dtype)
     if plan.kind == "short":
-        short.grad_sums_nchw_short.select(x.size)(plan.view(dy), plan.view(x), mean,
+        short.grad_sums_nchw_short.select(x.size)(fmt, plan.view(dy), plan.view(x), mean,
                                                   plan.sample_block, plan.channel_block,
                                                   ws.lanes, ws.coef, sums)
     elif plan.kind == "planes":
-        planes.grad_sums_nchw.select(x.size)(plan.view(dy), plan.view(x), mean, plan.group,
+        planes.grad_sums_nchw.select(x.size)(fmt, plan.view(dy), plan.view(x), mean, plan.group,
                                              plan.chunk, ws.part_a, ws.part_b, ws.coef, sums)
     else:
-        rows.grad_sums_nhwc.select(x.size)(plan.view(dy), plan.view(x), n_channels, mean,
+        rows.grad_sums_nhwc.select(x.size)(fmt, plan.view(dy), plan.view(x), n_channels, mean,
                                            plan.block_rows,
                                            plan.interleave_rows(x.itemsize, n_inputs=2),
                                            ws.lanes, ws.coef, ws.coef_lanes[:1], sums)
@@ -542,16 +555,17 @@ def _grad_input(dy, x, mean, invstd, weight, grad_sums, count, channels_last, ou
     weight, _ = _params(weight, None, plan.n_channels, x.dtype)
     grad_sums = np.ascontiguousarray(grad_sums, np.float64)
     ws = workspace_for(plan, x.dtype)
+    fmt = storage_format(x.dtype)
     if plan.kind == "short":
-        short.grad_input_nchw_short.select(x.size)(plan.view(dy), plan.view(x), mean, invstd,
+        short.grad_input_nchw_short.select(x.size)(fmt, plan.view(dy), plan.view(x), mean, invstd,
                                                    weight, count, grad_sums, plan.sample_block,
                                                    plan.channel_block, ws.coef, plan.view(dx))
     elif plan.kind == "planes":
-        planes.grad_input_nchw.select(x.size)(plan.view(dy), plan.view(x), mean, invstd, weight,
-                                              count, grad_sums, plan.group, plan.chunk, ws.coef,
-                                              plan.view(dx))
+        planes.grad_input_nchw.select(x.size)(fmt, plan.view(dy), plan.view(x), mean, invstd,
+                                              weight, count, grad_sums, plan.group, plan.chunk,
+                                              ws.coef, plan.view(dx))
     else:
-        rows.grad_input_nhwc.select(x.size)(plan.view(dy), plan.view(x), plan.n_channels, mean,
+        rows.grad_input_nhwc.select(x.size)(fmt, plan.view(dy), plan.view(x), plan.n_channels, mean,
                                             invstd, weight, count, grad_sums, plan.block_rows,
                                             ws.coef, ws.coef_lanes, plan.view(dx))
     return dx

@@ -3,6 +3,12 @@
 The modules follow torch.nn.BatchNorm{1,2,3}d exactly, on NumPy arrays, with an explicit
 ``backward(dy)`` in place of autograd. The arithmetic lives in :mod:`fastbn.functional`.
 BNReLU1d/2d/3d are the same modules with a ReLU fused into the normalize pass.
+
+``dtype`` names the activations' dtype. float32 and float64 modules hold their parameters and
+running buffers in that dtype. float16 and bfloat16 (``"bfloat16"`` or ``ml_dtypes.bfloat16``,
+the ``lowp`` extra) are storage formats: such modules hold float32 parameters and buffers,
+torch's mixed-precision convention, and so do their grad_weight and grad_bias. As with torch's
+CPU batch norm, every module takes input of any of the four dtypes; y and dx keep the input's.
 """
 
 import numpy as np
@@ -36,9 +42,9 @@ class _BatchNorm:
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be at least 1, got {num_features}")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = V.resolve_dtype(dtype)
+        if not V.is_input_dtype(dtype):
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
         self.num_features = int(num_features)
         self.eps = V.check_eps(eps)
         self.momentum = None if momentum is None else V.check_momentum(momentum)
@@ -46,15 +52,16 @@ class _BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.channels_last = bool(channels_last)
         self.dtype = dtype
+        param_dtype = V.parameter_dtype(dtype)
         self.training = True
         if self.affine:
-            self.weight = np.ones(self.num_features, dtype)
-            self.bias = np.zeros(self.num_features, dtype)
+            self.weight = np.ones(self.num_features, param_dtype)
+            self.bias = np.zeros(self.num_features, param_dtype)
         else:
             self.weight = self.bias = None
         if self.track_running_stats:
-            self.running_mean = np.zeros(self.num_features, dtype)
-            self.running_var = np.ones(self.num_features, dtype)
+            self.running_mean = np.zeros(self.num_features, param_dtype)
+            self.running_var = np.ones(self.num_features, param_dtype)
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None

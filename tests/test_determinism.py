@@ -18,6 +18,12 @@ import reference as ref
 from conftest import (LARGE_SHAPES, MODULE_FOR_RANK, make_input, make_params, make_running,
                       seeded_rng, shape_id)
 
+try:
+    import ml_dtypes
+    LOWP_DTYPES = [np.float16, ml_dtypes.bfloat16]
+except ImportError:  # the lowp extra is missing: float16 only
+    LOWP_DTYPES = [np.float16]
+
 needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
                                        reason="Numba has fewer than 2 threads here")
 
@@ -217,3 +223,29 @@ def test_module_training_is_reproducible_across_thread_counts(channels_last):
         results.append(dict(y=y, dx=dx, grad_weight=module.grad_weight,
                             grad_bias=module.grad_bias, **module.state_dict()))
     assert_identical(results[0], results[1], "module, 1 vs 2 threads")
+
+
+def lowp_case(shape, dtype, channels_last, seed_key):
+    """16-bit x and dy with the float32 parameters and buffers of mixed precision."""
+    rng = seeded_rng(shape, np.dtype(dtype).name, channels_last, seed_key)
+    x = make_input(rng, shape, np.float64, channels_last).astype(dtype)
+    dy = make_input(rng, shape, np.float64, channels_last).astype(dtype)
+    weight, bias = make_params(rng, shape[1], np.float32)
+    return x, dy, weight, bias, make_running(rng, shape[1], np.float32)
+
+
+@needs_two_threads
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("lowp", LOWP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_lowp_bits_do_not_depend_on_threads_or_twins(shape, lowp, channels_last, monkeypatch):
+    """float16 and bfloat16 through every kernel family: 1 and 2 threads, and the serial
+    twins, give the same bits."""
+    args = lowp_case(shape, lowp, channels_last, "lowp")
+    with fastbn.kernels.jit.num_threads(1):
+        one = run_everything(*args, channels_last)
+    with fastbn.kernels.jit.num_threads(2):
+        two = run_everything(*args, channels_last)
+    assert_identical(one, two, "1 vs 2 threads")
+    monkeypatch.setattr(fastbn.kernels.jit, "SERIAL_BELOW_ELEMENTS", 1 << 62)
+    assert_identical(one, run_everything(*args, channels_last), "serial vs parallel")
+    assert one["y"].dtype == one["dx"].dtype == lowp

@@ -156,3 +156,45 @@ def test_bridge_report_times_both_implementations_per_cell(tmp_path):
         assert row["torch_s"] > 0 and row["fastbn_s"] > 0
         assert row["speedup"] == pytest.approx(row["torch_s"] / row["fastbn_s"])
     assert "median speedup" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 3, 40, 40), (4, 5, 6), (8, 16)])
+def test_one_pass_bound_reads_and_writes_16_bit_data(shape, dtype):
+    """16-bit data: float32 arithmetic on the decoded values, rounded once, as fastbn's own
+    passes do; NumPy's float32 arithmetic and cast give the same bits."""
+    import numpy as np
+
+    from fastbn.report.bound import OnePass
+    from fastbn.report.timing import make_problem
+
+    problem = make_problem(shape, dtype)
+    for layout in ("NCHW", "NHWC"):
+        x, dy = problem[layout]["x"], problem[layout]["dy"]
+        assert x.dtype.name == dtype and problem[layout]["weight"].dtype == np.float32
+        y, dx = np.zeros_like(x), np.zeros_like(x)
+        one_pass = OnePass(shape, layout, x, dy, y, dx)
+        shape_c = [1] * x.ndim
+        shape_c[x.ndim - 1 if layout == "NHWC" else 1] = -1
+        a, b, c = (v.reshape(shape_c) for v in one_pass.coefficients)
+        assert a.dtype == np.float32
+        x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+        np.testing.assert_array_equal(y.view(np.uint16), (a * x32 + b).astype(x.dtype).view(
+            np.uint16), err_msg=one_pass.kind)
+        np.testing.assert_array_equal(dx.view(np.uint16), (a * dy32 + b * x32 + c).astype(
+            x.dtype).view(np.uint16), err_msg=one_pass.kind)
+
+
+def test_bfloat16_report_moves_half_the_bytes(tmp_path):
+    path = tmp_path / "report.json"
+    proc = run_report("--quick", "--dtype", "bfloat16", "--shapes", "2x4x8x8", "--json",
+                      str(path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(path.read_text())
+    assert report["settings"]["dtype"] == "bfloat16"
+    assert len(report["results"]) == 6
+    for row in report["results"]:
+        assert row["bytes"] == 2 * 4 * 8 * 8 * 2
+        for timing in ("module", "out", "one_pass", "numpy") + ("torch",) * HAS_TORCH:
+            assert row[timing]["median_s"] > 0, timing
+    assert "dtype bfloat16" in proc.stdout

@@ -179,7 +179,7 @@ def test_members_and_state_dict_are_the_batch_norm_modules():
     assert bn.comm is None
     with pytest.raises(ValueError, match="num_features must be at least 1"):
         fastbn.SyncBatchNorm(0)
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
         fastbn.SyncBatchNorm(3, dtype=np.int32)
     with pytest.raises(ValueError, match=r"SyncBatchNorm \(channels_last\) expects input"):
         bn.eval()(np.zeros((2,)))

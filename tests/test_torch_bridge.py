@@ -265,10 +265,12 @@ def test_training_op_mutates_nothing(rng):
 # ----------------------------------------------------------------------------- fallbacks, errors
 
 def test_other_dtypes_run_torchs_implementation(rng):
-    """bfloat16 is not a kernel dtype here: the bridge gives exactly torch's result."""
+    """bfloat16 parameters are not kernel parameters (16-bit inputs run on the kernels with
+    float32 ones, see test_lowp_torch): the bridge gives exactly torch's result."""
     x = random_tensor(rng, (4, 3, 5, 5), np.float32).to(torch.bfloat16)
-    expected, actual = torch.nn.BatchNorm2d(3), ft.BatchNorm2d(3)
-    assert not ft.covered_by_kernels(x)
+    expected = torch.nn.BatchNorm2d(3).to(torch.bfloat16)
+    actual = ft.BatchNorm2d(3).to(torch.bfloat16)
+    assert not ft.covered_by_kernels(x, actual.weight)
     assert torch.equal(actual(x), expected(x))
     assert torch.equal(actual.running_var, expected.running_var)
 

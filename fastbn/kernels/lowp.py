@@ -21,7 +21,7 @@ from numba.core import errors
 from numba.extending import (NativeValue, intrinsic, models, overload, register_model,
                              typeof_impl, unbox)
 
-__all__ = ["NATIVE", "BFLOAT16", "FLOAT16", "StorageFormat", "decode", "encode"]
+__all__ = ["NATIVE", "BFLOAT16", "FLOAT16", "StorageFormat", "decode", "deviation", "encode"]
 
 
 class StorageFormat:
@@ -222,6 +222,20 @@ def _encode(fmt, value):
     return None
 
 
-def compute_dtype(fmt, dtype):
-    """The dtype a kernel's per-channel coefficients take for data of this format."""
-    return np.dtype(np.float32) if fmt is not NATIVE else np.dtype(dtype)
+def deviation(fmt, stored, shift):
+    """stored - shift as a float64, for the gradient sums (only callable from kernels)."""
+    raise NotImplementedError("deviation is only available inside Numba kernels")
+
+
+@overload(deviation, inline="always")
+def _deviation(fmt, stored, shift):
+    # Native data subtracts in its own dtype: exact near the mean, and twice as many lanes as
+    # float64. A 16-bit value minus the float32 shift is exact in float64 (at most 8 or 11
+    # significant bits against 24), and the value is widened anyway, so 16-bit formats
+    # subtract in float64 for free; their gradient sums are then exact up to the sums' own
+    # rounding, where a float32 subtraction lost more than torch's float accumulation does.
+    if fmt == _TYPES["native"]:
+        return lambda fmt, stored, shift: np.float64(stored - shift)
+    if isinstance(fmt, StorageFormatType):
+        return lambda fmt, stored, shift: np.float64(decode(fmt, stored)) - np.float64(shift)
+    return None

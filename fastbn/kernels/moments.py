@@ -19,6 +19,7 @@ Everything here is a small @njit helper that the kernels inline; nothing validat
 import numpy as np
 
 from .jit import helper, parallel_kernel, reduction
+from .lowp import decode, deviation, encode
 
 
 @helper
@@ -32,8 +33,9 @@ def finite_or_zero(value):
 
 
 @reduction
-def run_moment_sums(run, shift):
-    """(sum(d), sum(d**2)) over a contiguous run, d = x - shift, in float64.
+def run_moment_sums(fmt, run, shift):
+    """(sum(d), sum(d**2)) over a contiguous run, d = x - shift, in float64; `fmt` is the
+    storage format of run's values (see lowp), as in every kernel below.
 
     Loops run over views from 0: Numba guards signed indices against negative wraparound, and
     only an induction variable that starts at 0 lets LLVM drop the guard and vectorize.
@@ -41,59 +43,60 @@ def run_moment_sums(run, shift):
     sum_d = 0.0
     sum_d2 = 0.0
     for i in range(run.size):
-        d = np.float64(run[i]) - shift
+        d = np.float64(decode(fmt, run[i])) - shift
         sum_d += d
         sum_d2 += d * d
     return sum_d, sum_d2
 
 
 @reduction
-def run_grad_sums(dy, x, shift):
+def run_grad_sums(fmt, dy, x, shift):
     """(sum(dy), sum(dy * (x - shift))) over a contiguous run, in float64."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
     for i in range(x.size):
-        grad = np.float64(dy[i])
+        grad = np.float64(decode(fmt, dy[i]))
         sum_dy += grad
-        sum_dy_dev += grad * np.float64(x[i] - shift)
+        sum_dy_dev += grad * deviation(fmt, x[i], shift)
     return sum_dy, sum_dy_dev
 
 
 @reduction
-def run_eval_grad(dy, x, dx, shift, alpha):
+def run_eval_grad(fmt, dy, x, dx, shift, alpha):
     """dx = dy * alpha, and run_grad_sums, in one pass."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
     for i in range(x.size):
-        grad = dy[i]
-        dx[i] = grad * alpha
+        grad = decode(fmt, dy[i])
+        dx[i] = encode(fmt, grad * alpha)
         sum_dy += np.float64(grad)
-        sum_dy_dev += np.float64(grad) * np.float64(x[i] - shift)
+        sum_dy_dev += np.float64(grad) * deviation(fmt, x[i], shift)
     return sum_dy, sum_dy_dev
 
 
 @reduction
-def run_relu_grad_sums(dy, x, shift, alpha, beta):
+def run_relu_grad_sums(fmt, dy, x, shift, alpha, beta):
     """run_grad_sums of the ReLU-masked dy (see relu_masked)."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
     for i in range(x.size):
-        grad = np.float64(relu_masked(dy[i], x[i], shift, alpha, beta))
+        grad = np.float64(relu_masked(decode(fmt, dy[i]), decode(fmt, x[i]), shift, alpha,
+                                      beta))
         sum_dy += grad
-        sum_dy_dev += grad * np.float64(x[i] - shift)
+        sum_dy_dev += grad * deviation(fmt, x[i], shift)
     return sum_dy, sum_dy_dev
 
 
 @reduction
-def run_relu_eval_grad(dy, x, dx, shift, alpha, mask_alpha, mask_beta):
+def run_relu_eval_grad(fmt, dy, x, dx, shift, alpha, mask_alpha, mask_beta):
     """run_eval_grad of the ReLU-masked dy; mask_alpha and mask_beta are the forward's."""
     sum_dy = 0.0
     sum_dy_dev = 0.0
     for i in range(x.size):
-        grad = relu_masked(dy[i], x[i], shift, mask_alpha, mask_beta)
-        dx[i] = grad * alpha
+        grad = relu_masked(decode(fmt, dy[i]), decode(fmt, x[i]), shift, mask_alpha, mask_beta)
+        dx[i] = encode(fmt, grad * alpha)
         sum_dy += np.float64(grad)
-        sum_dy_dev += np.float64(grad) * np.float64(x[i] - shift)
+        sum_dy_dev += np.float64(grad) * deviation(fmt, x[i], shift)
     return sum_dy, sum_dy_dev
 
 
@@ -189,10 +192,10 @@ def finish_batch_stats(c0, c1, count, means, m2s, eps, momentum, update, running
     (in float64, with the unbiased variance) and the forward coefficients.
 
     coef[:, c] = (shift, alpha, beta) so that y = (x - shift) * alpha + beta, with shift the
-    mean rounded to the input dtype and the rounding error moved into beta. For float32 input
-    x - shift is then exact for x near the mean, which keeps outputs accurate for channels
-    whose mean dwarfs their spread (PyTorch's x * alpha + beta form loses them), and a
-    constant channel maps to exactly beta.
+    mean rounded to the coefficient dtype (the input's, float32 for 16-bit input) and the
+    rounding error moved into beta. For float32 input x - shift is then exact for x near the
+    mean, which keeps outputs accurate for channels whose mean dwarfs their spread (PyTorch's
+    x * alpha + beta form loses them), and a constant channel maps to exactly beta.
     """
     keep = 1.0 - momentum
     for c in range(c0, c1):

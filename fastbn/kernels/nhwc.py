@@ -8,13 +8,15 @@ every block is a whole number of lane groups. After a block's lanes are folded p
 blocks are merged in index order, which makes results independent of the thread count.
 
 Kernels do no validation and no allocation policy: the caller passes every buffer it gets
-back; only small per-block lane accumulators are made inside.
+back; only small per-block lane accumulators are made inside. Each takes the storage format
+`fmt` of its data arrays first (see lowp).
 """
 
 import numpy as np
 from numba import prange
 
 from .jit import helper, parallel_kernel
+from .lowp import decode, deviation, encode
 from .moments import (centered_grad_sums, eval_coefficients, finish_batch_stats, finish_grads,
                        finite_or_zero, given_grad_coefficients, given_stats_coefficients,
                        grad_or_masked, merge_parts, output_value, relu_mask_coefficients,
@@ -41,7 +43,7 @@ def grouped(flat, start, end, width):
 
 
 @helper
-def block_moments(xf, n_channels, start, end, interleave, partial):
+def block_moments(fmt, xf, n_channels, start, end, interleave, partial):
     """Per-channel (mean, M2) of one block of rows, written to partial[0, :C], partial[1, :C];
     with interleave, four lane groups per step (see Plan.interleave_rows).
 
@@ -58,7 +60,7 @@ def block_moments(xf, n_channels, start, end, interleave, partial):
     # Lane q * C + c holds channel c; nested loops, because an integer modulo per lane cost
     # more than the whole block reduction for large C.
     for c in range(n_channels):
-        first = finite_or_zero(np.float64(xf[start + c]))
+        first = finite_or_zero(np.float64(decode(fmt, xf[start + c])))
         for q in range(reps):
             shift[q * n_channels + c] = first
     # Four rows per step, with the additions of a one-row loop in the same order (so the same
@@ -69,15 +71,15 @@ def block_moments(xf, n_channels, start, end, interleave, partial):
     for g in range(0, full, 4):
         for k in range(width):
             h = shift[k]
-            d0 = np.float64(body[g, k]) - h
-            d1 = np.float64(body[g + 1, k]) - h
-            d2 = np.float64(body[g + 2, k]) - h
-            d3 = np.float64(body[g + 3, k]) - h
+            d0 = np.float64(decode(fmt, body[g, k])) - h
+            d1 = np.float64(decode(fmt, body[g + 1, k])) - h
+            d2 = np.float64(decode(fmt, body[g + 2, k])) - h
+            d3 = np.float64(decode(fmt, body[g + 3, k])) - h
             sum_d[k] = (((sum_d[k] + d0) + d1) + d2) + d3
             sum_d2[k] = (((sum_d2[k] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
     for g in range(full, n_groups):
         for k in range(width):
-            d = np.float64(body[g, k]) - shift[k]
+            d = np.float64(decode(fmt, body[g, k])) - shift[k]
             sum_d[k] += d
             sum_d2[k] += d * d
     for c in range(n_channels):
@@ -98,7 +100,7 @@ def tile_lanes(coef, coef_lanes, n_channels):
 
 
 @helper
-def affine_block(xf, yf, start, end, coef_lanes, relu):
+def affine_block(fmt, xf, yf, start, end, coef_lanes, relu):
     """y = (x - shift) * alpha + beta, or its ReLU when relu, over one block."""
     width = coef_lanes.shape[1]
     x_body = grouped(xf, start, end, width)
@@ -106,11 +108,13 @@ def affine_block(xf, yf, start, end, coef_lanes, relu):
     shift, alpha, beta = coef_lanes[0], coef_lanes[1], coef_lanes[2]
     for g in range(x_body.shape[0]):
         for k in range(width):
-            y_body[g, k] = output_value(relu, (x_body[g, k] - shift[k]) * alpha[k] + beta[k])
+            value = (decode(fmt, x_body[g, k]) - shift[k]) * alpha[k] + beta[k]
+            y_body[g, k] = encode(fmt, output_value(relu, value))
 
 
 @helper
-def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes, relu, alpha, beta):
+def grad_sums_block(fmt, dyf, xf, start, end, coef_lanes, interleave, lanes, relu, alpha,
+                    beta):
     """Lane sums of dy and dy * (x - shift) into lanes[0] and lanes[1] (local accumulators,
     as in block_moments; with interleave, four lane groups per step in the same order); with
     relu, of dy masked by the forward's ReLU (alpha and beta: its lanes, read only then)."""
@@ -126,10 +130,11 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes, relu, al
         # step was 3-9x slower than this loop (out-of-cache (64,112,112,64) float32).
         for g in range(n_groups):
             for k in range(width):
-                grad = np.float64(relu_masked(dy_body[g, k], x_body[g, k], shift[k], alpha[k],
-                                              beta[k]))
+                value = x_body[g, k]
+                grad = np.float64(relu_masked(decode(fmt, dy_body[g, k]), decode(fmt, value),
+                                              shift[k], alpha[k], beta[k]))
                 sum_dy[k] += grad
-                sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift[k])
+                sum_dy_dev[k] += grad * deviation(fmt, value, shift[k])
         lanes[0, :] = sum_dy
         lanes[1, :] = sum_dy_dev
         return
@@ -137,20 +142,24 @@ def grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, lanes, relu, al
     for g in range(0, full, 4):
         for k in range(width):
             h = shift[k]
-            g0 = np.float64(dy_body[g, k])
-            g1 = np.float64(dy_body[g + 1, k])
-            g2 = np.float64(dy_body[g + 2, k])
-            g3 = np.float64(dy_body[g + 3, k])
+            x0 = x_body[g, k]
+            x1 = x_body[g + 1, k]
+            x2 = x_body[g + 2, k]
+            x3 = x_body[g + 3, k]
+            g0 = np.float64(decode(fmt, dy_body[g, k]))
+            g1 = np.float64(decode(fmt, dy_body[g + 1, k]))
+            g2 = np.float64(decode(fmt, dy_body[g + 2, k]))
+            g3 = np.float64(decode(fmt, dy_body[g + 3, k]))
             sum_dy[k] = (((sum_dy[k] + g0) + g1) + g2) + g3
-            sum_dy_dev[k] = ((((sum_dy_dev[k] + g0 * np.float64(x_body[g, k] - h))
-                               + g1 * np.float64(x_body[g + 1, k] - h))
-                              + g2 * np.float64(x_body[g + 2, k] - h))
-                             + g3 * np.float64(x_body[g + 3, k] - h))
+            sum_dy_dev[k] = ((((sum_dy_dev[k] + g0 * deviation(fmt, x0, h))
+                               + g1 * deviation(fmt, x1, h))
+                              + g2 * deviation(fmt, x2, h))
+                             + g3 * deviation(fmt, x3, h))
     for g in range(full, n_groups):
         for k in range(width):
-            grad = np.float64(dy_body[g, k])
+            grad = np.float64(decode(fmt, dy_body[g, k]))
             sum_dy[k] += grad
-            sum_dy_dev[k] += grad * np.float64(x_body[g, k] - shift[k])
+            sum_dy_dev[k] += grad * deviation(fmt, x_body[g, k], shift[k])
     lanes[0, :] = sum_dy
     lanes[1, :] = sum_dy_dev
 
@@ -172,26 +181,26 @@ def fold_block_lanes(ws, n_channels):
 
 
 @parallel_kernel
-def moments_nhwc(xf, n_channels, block_rows, interleave, ws, count, mean, m2):
+def moments_nhwc(fmt, xf, n_channels, block_rows, interleave, ws, count, mean, m2):
     """Per-channel (count, mean, M2) of x: the partials a cross-process merge exchanges."""
     n_rows = xf.shape[0] // n_channels
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        block_moments(xf, n_channels, start, end, interleave, ws[b])
+        block_moments(fmt, xf, n_channels, start, end, interleave, ws[b])
     total = merge_parts(ws, n_channels, block_rows, n_rows, 1)
     for c in range(n_channels):
         count[c], mean[c], m2[c] = total, ws[0, 0, c], ws[0, 1, c]
 
 
 @parallel_kernel
-def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, running_mean,
+def train_forward_nhwc(fmt, xf, n_channels, weight, bias, eps, momentum, update, running_mean,
                        running_var, block_rows, interleave, ws, save_mean, save_invstd, coef,
                        coef_lanes, relu, yf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = ws.shape[0]
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        block_moments(xf, n_channels, start, end, interleave, ws[b])
+        block_moments(fmt, xf, n_channels, start, end, interleave, ws[b])
     # Serial on purpose: the merges cost less than another parallel region.
     count = merge_parts(ws, n_channels, block_rows, n_rows, 1)
     finish_batch_stats(0, n_channels, count, ws[0, 0], ws[0, 1], eps, momentum, update,
@@ -199,11 +208,11 @@ def train_forward_nhwc(xf, n_channels, weight, bias, eps, momentum, update, runn
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        affine_block(xf, yf, start, end, coef_lanes, relu)
+        affine_block(fmt, xf, yf, start, end, coef_lanes, relu)
 
 
 @parallel_kernel
-def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, eps, block_rows,
+def eval_forward_nhwc(fmt, xf, n_channels, running_mean, running_var, weight, bias, eps, block_rows,
                       coef, coef_lanes, relu, yf):
     n_rows = xf.shape[0] // n_channels
     n_blocks = (n_rows + block_rows - 1) // block_rows
@@ -211,11 +220,11 @@ def eval_forward_nhwc(xf, n_channels, running_mean, running_var, weight, bias, e
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        affine_block(xf, yf, start, end, coef_lanes, relu)
+        affine_block(fmt, xf, yf, start, end, coef_lanes, relu)
 
 
 @helper
-def grad_input_block(dyf, xf, dxf, start, end, coef_lanes, relu, alpha, beta):
+def grad_input_block(fmt, dyf, xf, dxf, start, end, coef_lanes, relu, alpha, beta):
     width = coef_lanes.shape[1]
     dy_body = grouped(dyf, start, end, width)
     x_body = grouped(xf, start, end, width)
@@ -223,12 +232,14 @@ def grad_input_block(dyf, xf, dxf, start, end, coef_lanes, relu, alpha, beta):
     shift, k_dy, k_x, k_0 = coef_lanes[0], coef_lanes[1], coef_lanes[2], coef_lanes[3]
     for g in range(x_body.shape[0]):
         for k in range(width):
-            grad = grad_or_masked(relu, dy_body[g, k], x_body[g, k], shift[k], alpha[k], beta[k])
-            dx_body[g, k] = grad * k_dy[k] + (x_body[g, k] - shift[k]) * k_x[k] + k_0[k]
+            value = decode(fmt, x_body[g, k])
+            grad = grad_or_masked(relu, decode(fmt, dy_body[g, k]), value, shift[k], alpha[k],
+                                  beta[k])
+            dx_body[g, k] = encode(fmt, grad * k_dy[k] + (value - shift[k]) * k_x[k] + k_0[k])
 
 
 @parallel_kernel
-def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, bias, block_rows,
+def train_backward_nhwc(fmt, dyf, xf, n_channels, save_mean, save_invstd, weight, bias, block_rows,
                         interleave, ws, coef, coef_lanes, grad_weight, grad_bias, relu, dxf):
     """The gradient through the batch statistics; with relu, of ReLU(batch norm), bias being
     the forward's (read for the mask only)."""
@@ -242,7 +253,7 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, bia
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b], relu,
+        grad_sums_block(fmt, dyf, xf, start, end, coef_lanes, interleave, ws[b], relu,
                         coef_lanes[4], coef_lanes[5])
     fold_block_lanes(ws, n_channels)
     finish_grads(0, n_channels, count, ws[0, 0], ws[0, 1], save_mean, save_invstd, weight,
@@ -250,12 +261,12 @@ def train_backward_nhwc(dyf, xf, n_channels, save_mean, save_invstd, weight, bia
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_input_block(dyf, xf, dxf, start, end, coef_lanes, relu, coef_lanes[4],
+        grad_input_block(fmt, dyf, xf, dxf, start, end, coef_lanes, relu, coef_lanes[4],
                          coef_lanes[5])
 
 
 @helper
-def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes, relu):
+def eval_grad_block(fmt, dyf, xf, dxf, start, end, coef_lanes, lanes, relu):
     """dx = dy * alpha, and the lane sums for the parameter gradients, in one pass; with relu,
     of dy masked by the forward's ReLU (coef_lanes[4], [5]: its alpha and beta)."""
     width = coef_lanes.shape[1]
@@ -268,17 +279,17 @@ def eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, lanes, relu):
     sum_dy_dev = np.zeros(width)
     for g in range(x_body.shape[0]):
         for k in range(width):
-            grad = grad_or_masked(relu, dy_body[g, k], x_body[g, k], shift[k], mask_alpha[k],
-                                  mask_beta[k])
-            dx_body[g, k] = grad * alpha[k]
+            grad = grad_or_masked(relu, decode(fmt, dy_body[g, k]), decode(fmt, x_body[g, k]),
+                                  shift[k], mask_alpha[k], mask_beta[k])
+            dx_body[g, k] = encode(fmt, grad * alpha[k])
             sum_dy[k] += np.float64(grad)
-            sum_dy_dev[k] += np.float64(grad) * np.float64(x_body[g, k] - shift[k])
+            sum_dy_dev[k] += np.float64(grad) * deviation(fmt, x_body[g, k], shift[k])
     lanes[0, :] = sum_dy
     lanes[1, :] = sum_dy_dev
 
 
 @parallel_kernel
-def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, bias, block_rows, ws, coef,
+def eval_backward_nhwc(fmt, dyf, xf, n_channels, mean, invstd, weight, bias, block_rows, ws, coef,
                        coef_lanes, grad_weight, grad_bias, relu, dxf):
     """Gradient of the fixed affine map y = (x - mean) * invstd * w + b, in one fused pass;
     with relu, of ReLU(y)."""
@@ -293,7 +304,7 @@ def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, bias, block_ro
         tile_lanes(coef[:2], coef_lanes[:2], n_channels)
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        eval_grad_block(dyf, xf, dxf, start, end, coef_lanes, ws[b], relu)
+        eval_grad_block(fmt, dyf, xf, dxf, start, end, coef_lanes, ws[b], relu)
     fold_block_lanes(ws, n_channels)
     for c in range(n_channels):
         sum_dy = ws[0, 0, c]
@@ -305,7 +316,8 @@ def eval_backward_nhwc(dyf, xf, n_channels, mean, invstd, weight, bias, block_ro
 # A SyncBatchNorm's training step in pieces, with global statistics entering in between.
 
 @parallel_kernel
-def normalize_nhwc(xf, n_channels, mean, invstd, weight, bias, block_rows, coef, coef_lanes, yf):
+def normalize_nhwc(fmt, xf, n_channels, mean, invstd, weight, bias, block_rows, coef, coef_lanes,
+                   yf):
     """y = (x - mean) * invstd * weight + bias with given float64 statistics; coef_lanes has
     3 rows."""
     n_rows = xf.shape[0] // n_channels
@@ -314,11 +326,11 @@ def normalize_nhwc(xf, n_channels, mean, invstd, weight, bias, block_rows, coef,
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        affine_block(xf, yf, start, end, coef_lanes, False)
+        affine_block(fmt, xf, yf, start, end, coef_lanes, False)
 
 
 @parallel_kernel
-def grad_sums_nhwc(dyf, xf, n_channels, mean, block_rows, interleave, ws, coef, coef_lanes,
+def grad_sums_nhwc(fmt, dyf, xf, n_channels, mean, block_rows, interleave, ws, coef, coef_lanes,
                    sums):
     """sums[:, c] = (sum(dy), sum(dy * (x - mean))) per channel, in float64; coef_lanes has
     1 row (the shift)."""
@@ -328,14 +340,14 @@ def grad_sums_nhwc(dyf, xf, n_channels, mean, block_rows, interleave, ws, coef, 
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(ws.shape[0]):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_sums_block(dyf, xf, start, end, coef_lanes, interleave, ws[b], False,
+        grad_sums_block(fmt, dyf, xf, start, end, coef_lanes, interleave, ws[b], False,
                         coef_lanes[0], coef_lanes[0])
     fold_block_lanes(ws, n_channels)
     centered_grad_sums(mean, coef, ws[0, 0], ws[0, 1], sums)
 
 
 @parallel_kernel
-def grad_input_nhwc(dyf, xf, n_channels, mean, invstd, weight, count, sums, block_rows, coef,
+def grad_input_nhwc(fmt, dyf, xf, n_channels, mean, invstd, weight, count, sums, block_rows, coef,
                     coef_lanes, dxf):
     """Training-mode dx from given sums over count values (see given_grad_coefficients)."""
     n_rows = xf.shape[0] // n_channels
@@ -344,5 +356,5 @@ def grad_input_nhwc(dyf, xf, n_channels, mean, invstd, weight, count, sums, bloc
     tile_lanes(coef, coef_lanes, n_channels)
     for b in prange(n_blocks):
         start, end = block_bounds(b, block_rows, n_rows, n_channels)
-        grad_input_block(dyf, xf, dxf, start, end, coef_lanes, False, coef_lanes[0],
+        grad_input_block(fmt, dyf, xf, dxf, start, end, coef_lanes, False, coef_lanes[0],
                          coef_lanes[0])

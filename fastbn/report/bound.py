@@ -22,12 +22,16 @@ The pass is compiled as a parallel and a serial twin like fastbn's kernels and p
 call by the same rule (``KernelPair.select``): the serial twin for tensors too small to pay for
 a parallel-region launch and on a machine whose cores are busy with other work, so that the
 bound and fastbn always run on the same threads. Compilation happens on the first call.
+float16 and bfloat16 data is read and written through the kernels' own 16-bit conversions
+(kernels/lowp.py), with float32 coefficients, as fastbn's passes do.
 """
 
 import numpy as np
 from numba import prange
 
+from .._layout import coefficient_dtype, storage_format
 from ..kernels.jit import parallel_kernel
+from ..kernels.lowp import decode, encode
 
 # NCHW planes shorter than this are streamed as whole-sample rows: a per-plane loop of a few
 # dozen values spends more on loop overhead than on moving data.
@@ -41,37 +45,39 @@ ROW_VALUES = 1024
 
 
 @parallel_kernel
-def affine_rows(x, a, b, y):
+def affine_rows(fmt, x, a, b, y):
     for r in prange(x.shape[0]):
         for j in range(x.shape[1]):
-            y[r, j] = a[j] * x[r, j] + b[j]
+            y[r, j] = encode(fmt, a[j] * decode(fmt, x[r, j]) + b[j])
 
 
 @parallel_kernel
-def affine_planes(x, a, b, y):
+def affine_planes(fmt, x, a, b, y):
     n_channels = x.shape[1]
     for p in prange(x.shape[0] * n_channels):
         i, k = p // n_channels, p % n_channels
         ak, bk = a[k], b[k]
         for j in range(x.shape[2]):
-            y[i, k, j] = ak * x[i, k, j] + bk
+            y[i, k, j] = encode(fmt, ak * decode(fmt, x[i, k, j]) + bk)
 
 
 @parallel_kernel
-def affine2_rows(dy, x, a, b, c, dx):
+def affine2_rows(fmt, dy, x, a, b, c, dx):
     for r in prange(x.shape[0]):
         for j in range(x.shape[1]):
-            dx[r, j] = a[j] * dy[r, j] + b[j] * x[r, j] + c[j]
+            dx[r, j] = encode(fmt, a[j] * decode(fmt, dy[r, j]) + b[j] * decode(fmt, x[r, j])
+                              + c[j])
 
 
 @parallel_kernel
-def affine2_planes(dy, x, a, b, c, dx):
+def affine2_planes(fmt, dy, x, a, b, c, dx):
     n_channels = x.shape[1]
     for p in prange(x.shape[0] * n_channels):
         i, k = p // n_channels, p % n_channels
         ak, bk, ck = a[k], b[k], c[k]
         for j in range(x.shape[2]):
-            dx[i, k, j] = ak * dy[i, k, j] + bk * x[i, k, j] + ck
+            dx[i, k, j] = encode(fmt, ak * decode(fmt, dy[i, k, j]) + bk * decode(fmt, x[i, k, j])
+                                 + ck)
 
 
 _KERNELS = {"affine_rows": affine_rows, "affine_planes": affine_planes,
@@ -121,13 +127,16 @@ class OnePass:
         n_channels = shape[1]
         rng = np.random.default_rng(1)
         # Coefficients of a normal-sized batch norm: no denormals, no overflow.
-        self.coefficients = tuple(rng.uniform(0.5, 1.5, n_channels).astype(x.dtype)
-                                  for _ in range(3))
+        self.coefficients = tuple(rng.uniform(0.5, 1.5, n_channels).astype(
+            coefficient_dtype(x.dtype)) for _ in range(3))
         a, b, c = (_expand(v, kind, shape, layout, reps) for v in self.coefficients)
         fwd, bwd, size = _KERNELS["affine_" + kind], _KERNELS["affine2_" + kind], x.size
+        fmt = storage_format(x.dtype)
+        if x.dtype.itemsize == 2:
+            x, dy, y, dx = (arr.view(np.uint16) for arr in (x, dy, y, dx))
         xv, dyv, yv, dxv = (arr.reshape(view) for arr in (x, dy, y, dx))
-        self.forward = lambda: fwd.select(size)(xv, a, b, yv)
-        self.backward = lambda: bwd.select(size)(dyv, xv, a, b, c, dxv)
+        self.forward = lambda: fwd.select(size)(fmt, xv, a, b, yv)
+        self.backward = lambda: bwd.select(size)(fmt, dyv, xv, a, b, c, dxv)
         self.forward()  # compile (or load from Numba's cache) outside any timing
         self.backward()
 

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from .._validate import parameter_dtype, resolve_dtype
+
 PASSES = {"train_forward": 3, "eval_forward": 2, "backward": 5}
 OPS = tuple(PASSES)
 OP_TITLES = {"train_forward": "train fwd", "eval_forward": "eval fwd", "backward": "backward"}
@@ -248,19 +250,30 @@ def make_problem(shape, dtype=np.float32, seed=0):
     """Filled inputs of one (N, C, *spatial) problem in both layouts: the NHWC arrays hold the
     same values as the NCHW ones, so both layouts normalize the same data."""
     rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
+    dtype = resolve_dtype(dtype)
     n_channels = shape[1]
-    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-    x *= 2.0
-    x += 0.5
-    # dy from x by a cheap map: a second random draw costs a second on the largest shape.
-    dy = x[::-1].copy()
-    dy *= 0.25
+    x = rng.standard_normal(shape, dtype=np.float32)
+    if dtype.itemsize == 2:
+        # float16 and bfloat16: scaled in float32 and rounded once (ml_dtypes' arithmetic on
+        # bfloat16 arrays is slow), then dy = x * 0.25 exactly (a power of two).
+        x *= 2.0
+        x += 0.5
+        x = x.astype(dtype)
+        dy = (x[::-1].astype(np.float32) * 0.25).astype(dtype)
+    else:
+        x = x.astype(dtype, copy=False)
+        x *= 2.0
+        x += 0.5
+        # dy from x by a cheap map: a second random draw costs a second on the largest shape.
+        dy = x[::-1].copy()
+        dy *= 0.25
+    # 16-bit inputs come with float32 parameters and buffers (torch's mixed precision).
+    param_dtype = parameter_dtype(dtype)
     params = {
-        "weight": rng.uniform(0.5, 1.5, n_channels).astype(dtype),
-        "bias": rng.uniform(-0.5, 0.5, n_channels).astype(dtype),
-        "running_mean": rng.uniform(-0.1, 0.1, n_channels).astype(dtype),
-        "running_var": rng.uniform(0.5, 2.0, n_channels).astype(dtype),
+        "weight": rng.uniform(0.5, 1.5, n_channels).astype(param_dtype),
+        "bias": rng.uniform(-0.5, 0.5, n_channels).astype(param_dtype),
+        "running_mean": rng.uniform(-0.1, 0.1, n_channels).astype(param_dtype),
+        "running_var": rng.uniform(0.5, 2.0, n_channels).astype(param_dtype),
     }
     problem = {}
     for layout in LAYOUTS:

@@ -31,6 +31,7 @@ import sys
 
 import numpy as np
 
+from .._validate import resolve_dtype
 from .timing import EPS, MOMENTUM, make_problem, time_op
 
 
@@ -52,7 +53,7 @@ class TorchPeer:
             return None, f"could not start the torch worker: {exc}"
         peer = cls(proc, None, threads)
         try:
-            hello = peer._ask({"cmd": "hello", "dtype": np.dtype(dtype).name,
+            hello = peer._ask({"cmd": "hello", "dtype": resolve_dtype(dtype).name,
                                "threads": threads, "seed": seed})
         except RuntimeError:
             code = proc.wait()
@@ -94,15 +95,27 @@ def torch_view(tensor, layout):
     return tensor
 
 
+def torch_tensor(array):
+    """A tensor sharing array's memory; 16-bit arrays (torch.from_numpy knows no bfloat16)
+    through an int16 view of their bits."""
+    import torch
+
+    if array.dtype.itemsize != 2:
+        return torch.from_numpy(array)
+    bits = torch.from_numpy(array.view(np.int16))
+    return bits.view(torch.float16 if array.dtype == np.float16 else torch.bfloat16)
+
+
 def torch_ops(arrays, layout):
     import torch
 
     module_class = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
                     5: torch.nn.BatchNorm3d}[arrays["x"].ndim]
-    dtype = torch.from_numpy(arrays["x"][:0]).dtype
-    leaf = torch.from_numpy(arrays["x"]).requires_grad_(True)
+    # Parameters in the weight's dtype: float32 beside 16-bit input, torch's mixed precision.
+    dtype = torch.from_numpy(arrays["weight"][:0]).dtype
+    leaf = torch_tensor(arrays["x"]).requires_grad_(True)
     x = torch_view(leaf, layout)
-    dy = torch_view(torch.from_numpy(arrays["dy"]), layout)
+    dy = torch_view(torch_tensor(arrays["dy"]), layout)
     state = {key: torch.from_numpy(arrays[key].copy())
              for key in ("weight", "bias", "running_mean", "running_var")}
     modules = []

@@ -4,8 +4,9 @@
     model = fastbn.torch.convert(model)   # every nn.BatchNorm1d/2d/3d now runs on fastbn
 
 The modules subclass torch's, so everything that works with ``nn.BatchNorm2d`` (state dicts,
-``.to()``, hooks, optimizers, ``torch.save``) works with them. CPU float32 and float64 tensors
-run on fastbn's kernels through registered custom ops (autograd, ``torch.compile`` and
+``.to()``, hooks, optimizers, ``torch.save``) works with them. CPU float32 and float64 tensors,
+and bfloat16 and float16 ones with float32 parameters (torch's mixed precision), run on
+fastbn's kernels through registered custom ops (autograd, ``torch.compile`` and
 ``torch.library.opcheck`` understand them); anything else runs torch's own implementation, see
 :func:`fastbn.torch.functional.covered_by_kernels`.
 

@@ -1,8 +1,10 @@
 """``fastbn.torch.batch_norm``: torch.nn.functional.batch_norm on fastbn's kernels.
 
 Routing (:func:`covered_by_kernels`): CPU tensors of float32 or float64, with weight, bias and
-running statistics of the input's dtype, run fastbn's kernels; everything else (CUDA and other
-devices, the meta device, other dtypes such as bfloat16 and float16, mixed dtypes) runs
+running statistics of the input's dtype, run fastbn's kernels, and so do bfloat16 and float16
+inputs with float32 weight, bias and running statistics (torch's mixed precision; bfloat16
+needs ml_dtypes, the lowp extra, to reach the kernels). Everything else (CUDA and other
+devices, the meta device, 16-bit parameters, other mixed dtypes) runs
 ``torch.nn.functional.batch_norm`` and gives exactly its result. Fake tensors met while
 ``torch.compile`` traces count as CPU tensors and go through the custom ops' fake kernels.
 """
@@ -11,20 +13,28 @@ import torch
 import torch.nn.functional as torch_functional
 
 from . import ops
-from .tensors import in_kernel_layout
+from .tensors import has_bfloat16_arrays, in_kernel_layout
 
 __all__ = ["batch_norm", "batch_norm_relu", "covered_by_kernels"]
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
+# 16-bit storage: the kernels read and write their bits (see tensors.as_array).
+LOWP_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def covered_by_kernels(input, *tensors):
     """True when fastbn's kernels compute batch norm of ``input`` with these weight, bias and
     running tensors (None entries are ignored)."""
-    if input.device.type != "cpu" or input.dtype not in KERNEL_DTYPES or input.dim() < 2:
+    if input.device.type != "cpu" or input.dim() < 2:
+        return False
+    if input.dtype in KERNEL_DTYPES:
+        param_dtype = input.dtype
+    elif input.dtype in LOWP_DTYPES and (input.dtype == torch.float16 or has_bfloat16_arrays()):
+        param_dtype = torch.float32
+    else:
         return False
     for t in tensors:
-        if t is not None and (t.dtype != input.dtype or t.device.type != "cpu"):
+        if t is not None and (t.dtype != param_dtype or t.device.type != "cpu"):
             return False
     return True
 

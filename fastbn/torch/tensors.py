@@ -8,8 +8,25 @@ contiguous, and matching that keeps torch.compile's dynamic-shape graphs lowerab
 failed on a channels-last 3-D output feeding a convolution's backward).
 """
 
+import torch
+
+from .._validate import bfloat16_dtype
+
 __all__ = ["kernel_layout", "in_kernel_layout", "empty_in_layout", "as_array",
-           "array_in_layout"]
+           "array_in_layout", "has_bfloat16_arrays"]
+
+_bfloat16 = None
+
+
+def has_bfloat16_arrays():
+    """Whether bfloat16 tensors can be seen as NumPy arrays (ml_dtypes, the lowp extra)."""
+    global _bfloat16
+    if _bfloat16 is None:
+        try:
+            _bfloat16 = bfloat16_dtype()
+        except ImportError:
+            _bfloat16 = False
+    return _bfloat16 is not False
 
 
 def kernel_layout(t):
@@ -45,10 +62,15 @@ def empty_in_layout(t, channels_last):
 
 
 def as_array(t, channels_last=False):
-    """The NumPy view of t's memory: (N, C, ...) or, channels-last, (N, ..., C). No copy."""
+    """The NumPy view of t's memory: (N, C, ...) or, channels-last, (N, ..., C). No copy.
+
+    torch.Tensor.numpy knows no bfloat16: such a tensor is viewed through its int16 bits and
+    the array reinterpreted as ml_dtypes.bfloat16 (see has_bfloat16_arrays), still no copy."""
     t = t.detach()
     if channels_last:
         t = t.movedim(1, -1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_bfloat16)
     return t.numpy()
 
 
