@@ -21,6 +21,7 @@ def scheduler(monkeypatch):
     """Set how many threads of other processes are runnable; free_cores sees it at once."""
     monkeypatch.setattr(jit, "free_cores", real_free_cores)
     monkeypatch.setattr(jit, "_CORES", 4)
+    monkeypatch.setattr(jit, "_MACHINE_CPUS", 4)
     monkeypatch.setattr(jit, "_load_sample", [-1.0, None])
     elsewhere = {"count": 0}
     monkeypatch.setattr(jit, "_running_elsewhere", lambda: elsewhere["count"])
@@ -50,6 +51,18 @@ def test_twin_follows_free_cores(scheduler):
             scheduler(2)
             chosen = pair.select(big)
             assert isinstance(chosen, jit._WithThreads) and chosen.threads == 2
+
+
+def test_runnable_threads_count_against_the_whole_machine(scheduler, monkeypatch):
+    """In a container /proc/loadavg is the host's: 40 runnable threads on a 64-CPU host leave
+    a process pinned to 4 of its cores all 4, not 1."""
+    monkeypatch.setattr(jit, "_MACHINE_CPUS", 64)
+    scheduler(40)
+    assert jit.free_cores() == 4
+    scheduler(62)
+    assert jit.free_cores() == 2
+    scheduler(200)
+    assert jit.free_cores() == 1
 
 
 def test_load_is_sampled_at_most_once_per_interval(scheduler, monkeypatch):

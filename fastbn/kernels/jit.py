@@ -159,6 +159,11 @@ class _WithThreads:
 LOAD_SAMPLE_S = 0.05
 _load_sample = [-1.0, None]  # (when, free cores)
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+# /proc/loadavg counts the runnable threads of the whole machine, and inside a container of
+# the whole host: they compete for all the host's CPUs, not only for the cores this process
+# may use. Counting them against the host's CPUs keeps a container pinned to 2 cores of a busy
+# 64-CPU host parallel instead of serial.
+_MACHINE_CPUS = os.cpu_count() or _CORES
 
 
 def _running_elsewhere():
@@ -188,7 +193,8 @@ def free_cores():
     if now - _load_sample[0] >= LOAD_SAMPLE_S:
         elsewhere = _running_elsewhere()
         _load_sample[0] = now
-        _load_sample[1] = None if elsewhere is None else max(1, _CORES - elsewhere)
+        _load_sample[1] = (None if elsewhere is None
+                           else max(1, min(_CORES, _MACHINE_CPUS - elsewhere)))
     return _load_sample[1]
 
 
