@@ -6,6 +6,7 @@ per dtype on first use, so reusing two dtypes and few array kinds keeps a cold r
 LARGE_* shapes are at least 32768 elements so that the parallel kernel twins run too.
 """
 
+import sys
 import zlib
 
 import numpy as np
@@ -159,6 +160,16 @@ def in_memory(x, kind):
         r.setflags(write=False)
         return r
     raise ValueError(kind)
+
+
+@pytest.fixture(autouse=True)
+def fastbn_torch_kernels_for_every_size(monkeypatch):
+    """The suites check fastbn's kernels on small tensors, which the bridge would otherwise
+    hand to torch's own kernel (fastbn.torch.functional.KERNEL_MIN_ELEMENTS); only the test
+    of that routing restores it. Nothing is imported here: without torch this does nothing."""
+    bridge = sys.modules.get("fastbn.torch.functional")
+    if bridge is not None:
+        monkeypatch.setattr(bridge, "KERNEL_MIN_ELEMENTS", 0)
 
 
 @pytest.fixture(params=DTYPES, ids=dtype_id)

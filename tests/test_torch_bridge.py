@@ -306,10 +306,37 @@ def test_wrong_rank_raises_torchs_error():
         ft.BatchNorm2d(3)(torch.randn(2, 3, 4))
 
 
-def test_wrong_channel_count_raises_and_changes_nothing():
+def test_wrong_channel_count_raises_torchs_error_and_changes_nothing():
     module = ft.BatchNorm2d(3)
-    with pytest.raises(ValueError, match=r"must have shape \(4,\), got \(3,\)"):
+    with pytest.raises(RuntimeError) as expected:
+        torch.nn.BatchNorm2d(3)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(RuntimeError) as actual:
         module(torch.randn(2, 4, 3, 3))
+    assert str(actual.value) == str(expected.value)
+    assert "should contain 4 elements not 3" in str(actual.value)
     assert int(module.num_batches_tracked) == 1  # torch counts the call before the error too
     assert torch.equal(module.running_mean, torch.zeros(3))
     assert torch.equal(module.running_var, torch.ones(3))
+
+
+def test_small_batches_run_torchs_kernel_and_large_ones_fastbns(monkeypatch, rng):
+    """Under KERNEL_MIN_ELEMENTS elements torch's own kernel is faster than the bridge's Python;
+    such calls give exactly torch's result, larger ones go through fastbn's kernels."""
+    import fastbn.torch.functional as bridge
+
+    monkeypatch.setattr(bridge, "KERNEL_MIN_ELEMENTS", 1 << 18)
+    calls = []
+    monkeypatch.setattr(ops, "train_in_place", lambda *args: calls.append(args[0].shape)
+                        or TRAIN_IN_PLACE(*args))
+    small = random_tensor(rng, (2, 4, 8, 8), np.float32)
+    expected, actual = torch.nn.BatchNorm2d(4), ft.BatchNorm2d(4)
+    assert not ft.covered_by_kernels(small)
+    assert torch.equal(actual(small), expected(small))
+    assert torch.equal(actual.running_var, expected.running_var) and calls == []
+    large = random_tensor(rng, (8, 4, 128, 64), np.float32)
+    assert ft.covered_by_kernels(large)
+    actual(large)
+    assert calls == [large.shape]
+
+
+TRAIN_IN_PLACE = ops.train_in_place

@@ -1,6 +1,7 @@
 """``fastbn.torch.batch_norm``: torch.nn.functional.batch_norm on fastbn's kernels.
 
-Routing (:func:`covered_by_kernels`): CPU tensors of float32 or float64, with weight, bias and
+Routing (:func:`covered_by_kernels`): CPU tensors of at least KERNEL_MIN_ELEMENTS elements
+(smaller ones run faster on torch's own kernel), of float32 or float64, with weight, bias and
 running statistics of the input's dtype, run fastbn's kernels, and so do bfloat16 and float16
 inputs with float32 weight, bias and running statistics (torch's mixed precision; bfloat16
 needs ml_dtypes, the lowp extra, to reach the kernels). Everything else (CUDA and other
@@ -18,6 +19,14 @@ from .tensors import has_bfloat16_arrays, in_kernel_layout
 __all__ = ["batch_norm", "batch_norm_relu", "covered_by_kernels"]
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
+# Below this many elements a call runs torch's own kernel, which is faster there: the bridge's
+# Python (an autograd.Function, NumPy views, validation) costs about 50 us per forward +
+# backward, while torch's whole module call on a (2, 4, 8, 8) tensor takes 32 us. Measured
+# forward + backward, module calls, quiet machine, 2 threads (torch / fastbn time):
+# (2,4,8,8) 0.40, (8,16,16,16) 0.60, (16,32,16,16) 1.09, (128,1024) 0.61 at 131,072 elements;
+# (256,1024) 2.0, (1024,256) 1.45, (32,32,16,16) 8.9 at 262,144. Set it to 0 to run every
+# size on the kernels.
+KERNEL_MIN_ELEMENTS = 1 << 18
 # 16-bit storage: the kernels read and write their bits (see tensors.as_array).
 LOWP_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -25,7 +34,7 @@ LOWP_DTYPES = (torch.bfloat16, torch.float16)
 def covered_by_kernels(input, *tensors):
     """True when fastbn's kernels compute batch norm of ``input`` with these weight, bias and
     running tensors (None entries are ignored)."""
-    if input.device.type != "cpu" or input.dim() < 2:
+    if input.device.type != "cpu" or input.dim() < 2 or input.numel() < KERNEL_MIN_ELEMENTS:
         return False
     if input.dtype in KERNEL_DTYPES:
         param_dtype = input.dtype
@@ -33,8 +42,11 @@ def covered_by_kernels(input, *tensors):
         param_dtype = torch.float32
     else:
         return False
+    n_channels = input.shape[1]
     for t in tensors:
-        if t is not None and (t.dtype != param_dtype or t.device.type != "cpu"):
+        # A length that does not match the channels is torch's error to raise, in its words.
+        if t is not None and (t.dtype != param_dtype or t.device.type != "cpu"
+                              or t.shape != (n_channels,)):
             return False
     return True
 
