@@ -184,7 +184,7 @@ def torch_view(torch, array, layout):
 _relu_passes = None
 
 
-def relu_passes():
+def relu_passes(bits=False):
     """(relu_inplace, relu_mask_inplace): a ReLU as passes of its own, the baseline that
     fastbn's fused BatchNorm + ReLU is measured against. They are as fast as a separate pass
     can be: Numba-parallel, vectorized, in place (no new buffer to fault in), over flat
@@ -206,5 +206,20 @@ def relu_passes():
                 g = dz[i]
                 dz[i] = g if z[i] > 0 else 0
 
-        _relu_passes = relu_inplace, relu_mask_inplace
-    return _relu_passes
+        # float16 and bfloat16 (NumPy arrays Numba cannot compute with) through their bits:
+        # a set sign bit (negative, -0.0) gives +0.0, as max(y, 0) does for all but negative
+        # NaNs; z > 0 is a clear sign bit on a nonzero pattern. Same bytes moved.
+        @njit(parallel=True, cache=True)
+        def relu_bits_inplace(y):
+            for i in prange(y.size):
+                v = y[i]
+                y[i] = v if v < 0x8000 else 0
+
+        @njit(parallel=True, cache=True)
+        def relu_mask_bits_inplace(dz, z):
+            for i in prange(dz.size):
+                g = dz[i]
+                dz[i] = g if 0 < z[i] < 0x8000 else 0
+
+        _relu_passes = relu_inplace, relu_mask_inplace, relu_bits_inplace, relu_mask_bits_inplace
+    return _relu_passes[2:] if bits else _relu_passes[:2]
