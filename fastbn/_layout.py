@@ -16,6 +16,7 @@ from math import gcd
 import numpy as np
 
 from .kernels.lowp import BFLOAT16, FLOAT16, NATIVE
+from ._validate import parameter_dtype
 
 # Values per work item. Each item is reduced in one pass, so the size only trades the cost of
 # merging items (done serially, per channel) against load balance and the shifted-sum error
@@ -180,3 +181,22 @@ def workspace_for(plan, dtype):
     else:
         cache.move_to_end(key)
     return ws
+
+
+_ones = {}
+_zeros = {}
+
+
+def params_or_defaults(weight, bias, n_channels, dtype):
+    """weight and bias, or cached ones and zeros in the parameter dtype for input of dtype
+    where they are None (the kernels always take both)."""
+    dtype = parameter_dtype(dtype)
+    if weight is None:
+        weight = _ones.get((n_channels, dtype))
+        if weight is None:
+            weight = _ones[(n_channels, dtype)] = np.ones(n_channels, dtype)
+    if bias is None:
+        bias = _zeros.get((n_channels, dtype))
+        if bias is None:
+            bias = _zeros[(n_channels, dtype)] = np.zeros(n_channels, dtype)
+    return weight, bias

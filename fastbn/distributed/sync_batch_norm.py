@@ -10,7 +10,7 @@ same way and computes dx from the global sums. Eval never communicates. Everythi
 import numpy as np
 
 from .. import _validate as V
-from .. import functional as F
+from .. import phases as P
 from ..modules import _BatchNorm
 from .exchange import Exchange, mpi_world
 
@@ -89,7 +89,7 @@ class SyncBatchNorm(_BatchNorm):
             if xv.size == 0:
                 zeros = np.zeros(n_channels)
                 return (xv, state), exchange.moments_payload(0, zeros, zeros)
-            count, mean, m2 = F._channel_moments(xv, self.channels_last)
+            count, mean, m2 = P._channel_moments(xv, self.channels_last)
             return (xv, state), exchange.moments_payload(count[0], mean, m2)
 
         (x, state), rows = exchange.gather("SyncBatchNorm forward", 2 * n_channels + 1, local)
@@ -110,9 +110,9 @@ class SyncBatchNorm(_BatchNorm):
                           else self.momentum)
             # The global unbiased variance updates the running buffers, identically on every
             # rank (they all merged the same rows in the same order).
-            invstd = F._merged_stats(count, mean, m2, self.eps, factor,
+            invstd = P._merged_stats(count, mean, m2, self.eps, factor,
                                      running_mean if update else None, running_var)
-            y = F._normalize(x, mean, invstd, weight, bias, self.channels_last, out)
+            y = P._normalize(x, mean, invstd, weight, bias, self.channels_last, out)
         if update:
             self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, True)
@@ -144,17 +144,17 @@ class SyncBatchNorm(_BatchNorm):
             if dyv.shape != x.shape:
                 raise ValueError(f"dy must have the shape of the last forward input, {x.shape}, "
                                  f"got {dyv.shape}")
-            dyv, _ = F.gradient_args(dyv, x, self.channels_last)
-            dx = F.gradient_output(out, dyv, x)
+            dyv, _ = P.gradient_args(dyv, x, self.channels_last)
+            dx = P.gradient_output(out, dyv, x)
             weight = V.channel_vector(self.weight, n_channels, "weight")
-            sums = F._grad_sums(dyv, x, mean, self.channels_last)
+            sums = P._grad_sums(dyv, x, mean, self.channels_last)
             return (dyv, dx, weight, sums), sums.reshape(-1)
 
         (dy, dx, weight, local_sums), rows = exchange.gather("SyncBatchNorm backward",
                                                              2 * n_channels, local)
         x, mean, invstd, _ = self._saved
         total = exchange.summed(rows).reshape(2, n_channels)
-        dx = F._grad_input(dy, x, mean, invstd, weight, total, self._sync_count,
+        dx = P._grad_input(dy, x, mean, invstd, weight, total, self._sync_count,
                            self.channels_last, dx)
         if self.affine:
             dtype = self.weight.dtype

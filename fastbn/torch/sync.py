@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import functional as F
+from .. import phases as P
 from ..distributed.exchange import Exchange
 from .functional import KERNEL_DTYPES
 from .modules import _FastForward
@@ -79,7 +79,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x_array.size == 0:
                 zeros = np.zeros(n)
                 return (x_kernel, channels_last), Exchange.moments_payload(0, zeros, zeros)
-            count, mean, m2 = F._channel_moments(x_array, channels_last)
+            count, mean, m2 = P._channel_moments(x_array, channels_last)
             return (x_kernel, channels_last), Exchange.moments_payload(count[0], mean, m2)
 
         (x, channels_last), rows = step.exchange.gather("SyncBatchNorm forward", 2 * n + 1,
@@ -93,10 +93,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean = invstd = np.full(n, np.nan)
         else:
             update = step.running_mean is not None
-            invstd = F._merged_stats(count, mean, m2, step.eps, step.factor,
+            invstd = P._merged_stats(count, mean, m2, step.eps, step.factor,
                                      as_array(step.running_mean) if update else None,
                                      as_array(step.running_var) if update else None)
-            F._normalize(as_array(x, channels_last), mean, invstd,
+            P._normalize(as_array(x, channels_last), mean, invstd,
                          None if weight is None else as_array(weight),
                          None if bias is None else as_array(bias), channels_last,
                          as_array(y, channels_last))
@@ -116,14 +116,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dy_array = array_in_layout(grad_y, channels_last)
 
         def local():
-            sums = F._grad_sums(dy_array, x_array, step.mean, channels_last)
+            sums = P._grad_sums(dy_array, x_array, step.mean, channels_last)
             return sums, sums.reshape(-1)
 
         n = step.num_features
         local_sums, rows = step.exchange.gather("SyncBatchNorm backward", 2 * n, local)
         total = Exchange.summed(rows).reshape(2, n)
         dx = empty_in_layout(x, channels_last)
-        F._grad_input(dy_array, x_array, step.mean, step.invstd,
+        P._grad_input(dy_array, x_array, step.mean, step.invstd,
                       None if weight is None else as_array(weight), total, step.count,
                       channels_last, as_array(dx, channels_last))
         grad_weight = grad_bias = None
