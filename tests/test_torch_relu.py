@@ -19,7 +19,7 @@ import reference as ref  # noqa: E402
 from conftest import kink_bias, kinked_input, make_params, shape_id  # noqa: E402
 from torch_cases import (MEMORY_FORMATS, TORCH_BATCHNORM, TORCH_DTYPE, as_float64,  # noqa: E402
                          backward_scales, batch_stats, forward_scale, in_format,
-                         random_tensor)
+                         random_tensor, compiled_copy)
 
 pytestmark = pytest.mark.torch
 
@@ -235,13 +235,7 @@ def test_torch_compile_of_a_fused_model_matches_eager(rng):
     model = ft.convert(small_model(), fuse_relu=True)
     eager = copy.deepcopy(model)
     warmup = random_tensor(rng, (2, 3, 6, 6), np.float32)
-    try:
-        compiled = torch.compile(copy.deepcopy(model))
-        compiled(warmup)
-    except Exception as error:  # noqa: BLE001 - a machine without a working compiler
-        if "compiler" in str(error).lower() or "cpp" in str(error).lower():
-            pytest.skip(f"torch.compile cannot run here: {error}")
-        raise
+    compiled = compiled_copy(model, warmup)
     eager(warmup)
     for mode in [True, False]:
         eager.train(mode)

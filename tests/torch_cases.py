@@ -1,7 +1,10 @@
 """Shared cases for the fastbn.torch suites: tensors in every memory format the bridge routes,
 and the tolerance scales of tests/reference.py applied to torch tensors."""
 
+import copy
+
 import numpy as np
+import pytest
 import torch
 
 import reference as ref
@@ -70,3 +73,16 @@ def backward_scales(dy, x, mean, var, eps, weight, training):
     return ref.backward_scales(as_float64(dy), as_float64(x), mean,
                                ref.inverse_std(np.asarray(var, np.float64), eps),
                                None if weight is None else as_float64(weight), False, training)
+
+
+def compiled_copy(model, warmup):
+    """torch.compile of a copy of model, run once on warmup; skips the test, with the reason,
+    on a machine where torch.compile cannot build its C++ kernels."""
+    try:
+        compiled = torch.compile(copy.deepcopy(model))
+        compiled(warmup)
+    except Exception as error:  # noqa: BLE001 - a machine without a working compiler
+        if "compiler" in str(error).lower() or "cpp" in str(error).lower():
+            pytest.skip(f"torch.compile cannot run here: {error}")
+        raise
+    return compiled
