@@ -22,13 +22,14 @@ def scheduler(monkeypatch):
     monkeypatch.setattr(jit, "free_cores", real_free_cores)
     monkeypatch.setattr(jit, "_CORES", 4)
     monkeypatch.setattr(jit, "_MACHINE_CPUS", 4)
-    monkeypatch.setattr(jit, "_load_sample", [-1.0, None])
+    monkeypatch.setattr(jit, "_load_sample", [-1.0, None, None])
     elsewhere = {"count": 0}
     monkeypatch.setattr(jit, "_running_elsewhere", lambda: elsewhere["count"])
 
     def set_elsewhere(count):
         elsewhere["count"] = count
-        jit._load_sample[0] = -1.0  # sample again on the next call
+        jit._load_sample[0] = -1.0  # sample again on the next call,
+        jit._load_sample[2] = None  # as the first reading (see the hysteresis test)
     return set_elsewhere
 
 
@@ -63,6 +64,18 @@ def test_runnable_threads_count_against_the_whole_machine(scheduler, monkeypatch
     assert jit.free_cores() == 2
     scheduler(200)
     assert jit.free_cores() == 1
+
+
+def test_a_single_busy_reading_is_not_believed(scheduler, monkeypatch):
+    """Fewer cores only once two consecutive readings say so: a pool that spins for a few
+    milliseconds after its last region must not send calls to the serial twin."""
+    readings = iter([0, 3, 0, 3, 3, 3, 0, 0])
+    monkeypatch.setattr(jit, "_running_elsewhere", lambda: next(readings))
+    seen = []
+    for _ in range(8):
+        jit._load_sample[0] = -1.0
+        seen.append(jit.free_cores())
+    assert seen == [4, 4, 4, 4, 1, 1, 4, 4]
 
 
 def test_load_is_sampled_at_most_once_per_interval(scheduler, monkeypatch):
