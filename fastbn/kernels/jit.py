@@ -27,6 +27,7 @@ thread that the scheduler has taken off its core stalls the whole region for a t
 
 import hashlib
 import os
+import pickle
 import threading
 import time
 import types
@@ -90,6 +91,17 @@ def _kernel_source_digest():
 class _SourceKeyedCache(FunctionCache):
     def _index_key(self, sig, codegen):
         return super()._index_key(sig, codegen) + (_kernel_source_digest(),)
+
+    def load_overload(self, sig, target_context):
+        # Numba unpickles a cache index before it checks whether the index is stale, so an
+        # index written by another version of fastbn, whose signatures name a class that no
+        # longer exists, would raise here on every call. Such an index can never match: start
+        # it afresh, and let the kernel compile and be cached again.
+        try:
+            return super().load_overload(sig, target_context)
+        except (AttributeError, ImportError, pickle.UnpicklingError):
+            self.flush()
+            return None
 
 
 def _cached_njit(py_func, **options):

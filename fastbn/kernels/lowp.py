@@ -8,8 +8,8 @@ argument, `fmt`, and loads with ``decode(fmt, v)`` and stores with ``encode(fmt,
 - BFLOAT16: decode is a 16-bit shift, encode rounds a float32 to nearest even;
 - FLOAT16: full IEEE binary16 conversion, subnormals, infinities and NaN included.
 
-Each format is an instance of its own Numba type, so one kernel source compiles once per
-format, and all arithmetic between load and store happens in float32 (float64 for the sums),
+Each format is a value of its own Numba type (see NATIVE), so one kernel source compiles once
+per format, and all arithmetic between load and store happens in float32 (float64 for the sums),
 as in PyTorch's reduced-precision CPU kernels. The conversions are branch-free LLVM IR with
 32-bit integer arithmetic, so the loops around them still vectorize.
 """
@@ -18,58 +18,20 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import errors
-from numba.extending import (NativeValue, intrinsic, models, overload, register_model,
-                             typeof_impl, unbox)
+from numba.extending import intrinsic, overload
 
-__all__ = ["NATIVE", "BFLOAT16", "FLOAT16", "StorageFormat", "decode", "deviation", "encode"]
-
-
-class StorageFormat:
-    """The Python value of a kernel's `fmt` argument; it carries no data, only its type."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return f"StorageFormat({self.name!r})"
-
-    def __reduce__(self):
-        return (_format_named, (self.name,))
+__all__ = ["NATIVE", "BFLOAT16", "FLOAT16", "decode", "deviation", "encode"]
 
 
-class StorageFormatType(types.Dummy):
-    """Numba type of one storage format; distinct formats are distinct types."""
-
-    def __init__(self, format_name):
-        self.format_name = format_name
-        super().__init__(name=f"StorageFormat[{format_name}]")
-
-
-# No runtime data: the value is a null pointer that nothing reads.
-register_model(StorageFormatType)(models.OpaqueModel)
-
-
-NATIVE = StorageFormat("native")
-BFLOAT16 = StorageFormat("bfloat16")
-FLOAT16 = StorageFormat("float16")
-_FORMATS = {f.name: f for f in (NATIVE, BFLOAT16, FLOAT16)}
-_TYPES = {name: StorageFormatType(name) for name in _FORMATS}
-
-
-def _format_named(name):
-    return _FORMATS[name]
-
-
-@typeof_impl.register(StorageFormat)
-def _typeof_format(value, context):
-    return _TYPES[value.name]
-
-
-@unbox(StorageFormatType)
-def _unbox_format(typ, obj, c):
-    return NativeValue(c.context.get_dummy_value())
+# Each format is a NumPy scalar of a dtype of its own, whose Numba type stands for the
+# format: one kernel source compiles once per format. A NumPy scalar because Numba's dispatcher
+# types those in C, while an object of a class registered with typeof_impl costs a Python-level
+# typeof on every call: 1.5 us against 0.2 us per kernel call, a third of a (2, 4, 8, 8)
+# module call. The values are never read.
+NATIVE = np.int8(0)
+BFLOAT16 = np.int16(0)
+FLOAT16 = np.int32(0)
+_TYPES = {"native": types.int8, "bfloat16": types.int16, "float16": types.int32}
 
 
 # ----------------------------------------------------------------------------- bit patterns
@@ -236,6 +198,6 @@ def _deviation(fmt, stored, shift):
     # rounding, where a float32 subtraction lost more than torch's float accumulation does.
     if fmt == _TYPES["native"]:
         return lambda fmt, stored, shift: np.float64(stored - shift)
-    if isinstance(fmt, StorageFormatType):
+    if fmt in _TYPES.values():
         return lambda fmt, stored, shift: np.float64(decode(fmt, stored)) - np.float64(shift)
     return None
