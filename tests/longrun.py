@@ -48,7 +48,6 @@ def run(steps=10_000, channels_last=False, warmup=200, momentum=0.1, seed=0, rep
     physical = (SHAPE[0],) + SHAPE[2:] + (SHAPE[1],) if channels_last else SHAPE
     channel_axis = len(physical) - 1 if channels_last else 1
     axes = tuple(a for a in range(len(physical)) if a != channel_axis)
-    count = np.prod([physical[a] for a in axes])
 
     # Base batches with per-channel means and spreads, and their float64 statistics.
     bases, base_means, base_vars = [], [], []

@@ -19,7 +19,6 @@ import threading
 import time
 import warnings
 
-import numba
 import numpy as np
 import pytest
 

@@ -16,7 +16,7 @@ import pytest
 import fastbn
 import sync_checks
 from fake_comm import run_ranks
-from fastbn.distributed import Exchange, PeerError, PeerTypeError, PeerValueError
+from fastbn.distributed import Exchange, PeerError, PeerValueError
 
 TOL = 1e-12
 REPO_ROOT = str(Path(__file__).resolve().parents[1])

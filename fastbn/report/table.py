@@ -89,7 +89,7 @@ def header_lines(machine, bandwidth, settings, torch_note):
         f"{bandwidth['bytes_per_s'] / 1e9:.1f} GB/s); DRAM roofline = "
         "(P * bytes / bandwidth) / time(out=) with P = "
         + ", ".join(f"{p} ({R.OP_TITLES[op]})" for op, p in R.PASSES.items())
-        + f", shown only for tensors of at least twice the last-level cache",
+        + ", shown only for tensors of at least twice the last-level cache",
         f"- command: {settings['command']}",
     ]
 

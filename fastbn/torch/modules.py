@@ -5,7 +5,6 @@ torch's own, so a converted model saves, loads, moves and trains exactly as befo
 ``BNReLU1d/2d/3d`` are the same modules with a ReLU fused into the normalize pass.
 """
 
-import torch
 from torch import nn
 
 from .functional import batch_norm, batch_norm_relu
