@@ -144,7 +144,9 @@ class KernelPair:
         if free is not None and free < numba.get_num_threads():
             if free == 0 or (free == 1 and n_elements >= SHORT_CALL_ELEMENTS):
                 return self.serial
-            return _WithThreads(self.parallel, max(free, 2))
+            threads = max(free, 2)
+            if threads < numba.get_num_threads():
+                return _WithThreads(self.parallel, threads)
         if pool_is_exclusive():
             return self._parallel_unless_busy
         return self.parallel
