@@ -16,7 +16,7 @@ from math import gcd
 import numpy as np
 
 from .kernels.lowp import BFLOAT16, FLOAT16, NATIVE
-from ._validate import parameter_dtype
+from ._validate import contiguous, new_or_checked_output, parameter_dtype
 
 # Values per work item. Each item is reduced in one pass, so the size only trades the cost of
 # merging items (done serially, per channel) against load balance and the shifted-sum error
@@ -204,3 +204,16 @@ def params_or_defaults(weight, bias, n_channels, dtype):
         if bias is None:
             bias = _zeros[(n_channels, dtype)] = np.zeros(n_channels, dtype)
     return weight, bias
+
+
+def plan_channel_map(x, weight, bias, channels_last, out):
+    """Everything a pass that maps x to y channel by channel needs, planned once:
+    (x, y, plan, weight, bias, workspace, storage format), with x contiguous, y the checked out
+    or a new array, and weight and bias defaulted. plan is None for an empty x."""
+    x = contiguous(x)
+    y = new_or_checked_output(out, x, allow_same=True)
+    if x.size == 0:
+        return x, y, None, weight, bias, None, None
+    plan = plan_for(x.shape, channels_last)
+    weight, bias = params_or_defaults(weight, bias, plan.n_channels, x.dtype)
+    return x, y, plan, weight, bias, workspace_for(plan, x.dtype), storage_format(x.dtype)

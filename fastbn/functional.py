@@ -22,7 +22,7 @@ import numpy as np
 from .kernels import nchw as planes
 from .kernels import nchw_short as short
 from .kernels import nhwc as rows
-from ._layout import params_or_defaults, plan_for, storage_format, workspace_for
+from ._layout import params_or_defaults, plan_channel_map, plan_for, storage_format, workspace_for
 from .phases import (batch_norm_grad_input, batch_norm_grad_sums, batch_norm_merged_stats,  # noqa: F401
                      batch_norm_normalize, channel_moments, merge_moments)
 from ._validate import (as_float_array, channel_vector, check_batch_size, check_channels,
@@ -146,14 +146,9 @@ def _batch_stats_forward(x, channels_last, weight, bias, eps, momentum, running_
 
 def _eval_forward(x, running_mean, running_var, weight, bias, eps, channels_last, out,
                   relu=False):
-    x = contiguous(x)
-    y = new_or_checked_output(out, x, allow_same=True)
-    if x.size == 0:
+    x, y, plan, weight, bias, ws, fmt = plan_channel_map(x, weight, bias, channels_last, out)
+    if plan is None:
         return y
-    plan = plan_for(x.shape, channels_last)
-    weight, bias = params_or_defaults(weight, bias, plan.n_channels, x.dtype)
-    ws = workspace_for(plan, x.dtype)
-    fmt = storage_format(x.dtype)
     if plan.kind == "short":
         short.eval_forward_nchw_short.select(x.size)(
             fmt, plan.view(x), running_mean, running_var, weight, bias, eps, plan.sample_block,

@@ -10,10 +10,9 @@ from .kernels import nchw as planes
 from .kernels import nchw_short as short
 from .kernels import nhwc as rows
 from .kernels.moments import finish_merged_moments
-from ._layout import params_or_defaults, plan_for, storage_format, workspace_for
+from ._layout import params_or_defaults, plan_channel_map, plan_for, storage_format, workspace_for
 from ._validate import (as_float_array, channel_vector, check_channels, check_eps,
-                        check_momentum, check_no_overlap, checked_output, contiguous,
-                        new_or_checked_output)
+                        check_momentum, check_no_overlap, checked_output, contiguous)
 
 __all__ = ["channel_moments", "merge_moments", "batch_norm_merged_stats", "batch_norm_normalize",
            "batch_norm_grad_sums", "batch_norm_grad_input"]
@@ -143,14 +142,9 @@ def batch_norm_normalize(x, mean, invstd, weight=None, bias=None, *, channels_la
 
 def _normalize(x, mean, invstd, weight, bias, channels_last, out):
     """batch_norm_normalize after validation; mean and invstd are float64."""
-    x = contiguous(x)
-    y = new_or_checked_output(out, x, allow_same=True)
-    if x.size == 0:
+    x, y, plan, weight, bias, ws, fmt = plan_channel_map(x, weight, bias, channels_last, out)
+    if plan is None:
         return y
-    plan = plan_for(x.shape, channels_last)
-    weight, bias = params_or_defaults(weight, bias, plan.n_channels, x.dtype)
-    ws = workspace_for(plan, x.dtype)
-    fmt = storage_format(x.dtype)
     if plan.kind == "short":
         short.normalize_nchw_short.select(x.size)(fmt, plan.view(x), mean, invstd, weight, bias,
                                                   plan.sample_block, plan.channel_block,

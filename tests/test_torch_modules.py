@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastbn.torch as ft  # noqa: E402
-from torch_cases import compiled_copy, random_tensor  # noqa: E402
+from torch_cases import assert_same_step, compiled_copy, random_tensor  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -196,13 +196,9 @@ def test_torch_compile_matches_eager(rng):
                                 (False, "contiguous")]:
         eager.train(mode)
         compiled.train(mode)
-        x = random_tensor(rng, (4, 3, 10, 10), np.float32, memory_format)
-        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_eager, y_compiled = eager(x_eager), compiled(x_compiled)
-        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
-        y_eager.square().sum().backward()
-        y_compiled.square().sum().backward()
-        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-4)
+        assert_same_step(eager, compiled,
+                         random_tensor(rng, (4, 3, 10, 10), np.float32, memory_format),
+                         (1e-5, 1e-5), (1e-4, 1e-4))
     for (name, b), (_, c) in zip(eager.named_buffers(), compiled.named_buffers()):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -19,7 +19,7 @@ import reference as ref  # noqa: E402
 from conftest import kink_bias, kinked_input, make_params, shape_id  # noqa: E402
 from torch_cases import (MEMORY_FORMATS, TORCH_BATCHNORM, TORCH_DTYPE, as_float64,  # noqa: E402
                          backward_scales, batch_stats, forward_scale, in_format,
-                         random_tensor, compiled_copy)
+                         random_tensor, compiled_copy, assert_same_step)
 
 pytestmark = pytest.mark.torch
 
@@ -193,13 +193,8 @@ def test_convert_fuse_relu_fuses_batch_norm_then_relu_in_sequentials(rng):
     for mode in [True, True, False]:
         original.train(mode)
         model.train(mode)
-        x = random_tensor(rng, (4, 3, 6, 6), np.float32)
-        x_original, x_model = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_original, y_model = original(x_original), model(x_model)
-        torch.testing.assert_close(y_model, y_original, rtol=1e-4, atol=1e-5)
-        y_original.square().sum().backward()
-        y_model.square().sum().backward()
-        torch.testing.assert_close(x_model.grad, x_original.grad, rtol=1e-3, atol=1e-4)
+        assert_same_step(original, model, random_tensor(rng, (4, 3, 6, 6), np.float32),
+                         (1e-4, 1e-5), (1e-3, 1e-4))
     for (name, b), (_, c) in zip(model.named_buffers(), original.named_buffers()):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -240,10 +235,5 @@ def test_torch_compile_of_a_fused_model_matches_eager(rng):
     for mode in [True, False]:
         eager.train(mode)
         compiled.train(mode)
-        x = random_tensor(rng, (4, 3, 6, 6), np.float32)
-        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_eager, y_compiled = eager(x_eager), compiled(x_compiled)
-        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
-        y_eager.square().sum().backward()
-        y_compiled.square().sum().backward()
-        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-4)
+        assert_same_step(eager, compiled, random_tensor(rng, (4, 3, 6, 6), np.float32),
+                         (1e-5, 1e-5), (1e-4, 1e-4))

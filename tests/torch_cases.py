@@ -86,3 +86,15 @@ def compiled_copy(model, warmup):
             pytest.skip(f"torch.compile cannot run here: {error}")
         raise
     return compiled
+
+
+def assert_same_step(expected, actual, x, output_tol, grad_tol):
+    """expected(x) and actual(x) agree, and so do the input gradients of sum(y ** 2), each
+    model run on its own copy of x; tolerances are (rtol, atol) pairs."""
+    x_expected, x_actual = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_expected, y_actual = expected(x_expected), actual(x_actual)
+    torch.testing.assert_close(y_actual, y_expected, rtol=output_tol[0], atol=output_tol[1])
+    y_expected.square().sum().backward()
+    y_actual.square().sum().backward()
+    torch.testing.assert_close(x_actual.grad, x_expected.grad, rtol=grad_tol[0],
+                               atol=grad_tol[1])
