@@ -69,6 +69,10 @@ def parse_args(argv):
                              "and run for inference with torch's batch norm and with "
                              "fastbn.torch, under the default and the passive OpenMP wait "
                              "policy (needs the 'torch' extra; about 10 minutes)")
+    parser.add_argument("--trim-heap", action="store_true",
+                        help="leave glibc's heap trimming on in the timing processes; by "
+                             "default they keep freed memory, so that allocating calls are "
+                             "not timed faulting in fresh pages (see fastbn/report/heap.py)")
     parser.add_argument("--steps", type=int, default=20, metavar="N",
                         help="training steps per configuration for --bridge-model")
     parser.add_argument("--rounds", type=int, default=2, metavar="N",
@@ -193,11 +197,12 @@ def _bridge_main(parser, args, threads):
     from .report import bridge
 
     results = {}
+    heap = "trimmed" if args.trim_heap else "kept"
     if args.bridge:
         results["layers"] = bridge.run_layers(args.shapes, threads,
-                                              budget_s=0.2 if args.quick else 0.5)
+                                              budget_s=0.2 if args.quick else 0.5, heap=heap)
     if args.bridge_model:
-        results["model"] = bridge.run_model(steps=args.steps, rounds=args.rounds)
+        results["model"] = bridge.run_model(steps=args.steps, rounds=args.rounds, heap=heap)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -210,6 +215,7 @@ def main(argv=None):
     import numba
 
     from .kernels.jit import num_threads
+    from .report.heap import keep_heap
     from .report.plot import matplotlib_or_none, write_plot
     from .report.torch_peer import TorchPeer
 
@@ -227,8 +233,10 @@ def main(argv=None):
                      "(NUMBA_NUM_THREADS)")
     if args.bridge or args.bridge_model:
         return _bridge_main(parser, args, threads)
+    heap_kept = not args.trim_heap and keep_heap()
     timing = TIMING["quick" if args.quick else "default"]
     settings = {"dtype": args.dtype, "threads": threads, "quick": args.quick,
+                "heap_kept": heap_kept,
                 "shapes": [list(s) for s in args.shapes], "layouts": list(R.LAYOUTS),
                 "ops": list(R.OPS), "timing": timing, "eps": R.EPS, "momentum": R.MOMENTUM,
                 "command": " ".join(["python -m fastbn", *argv]).strip()}
@@ -237,7 +245,7 @@ def main(argv=None):
     peer, torch_note = None, "skipped (--no-torch)"
     if not args.no_torch:
         progress.note(f"starting the torch worker with {threads} threads")
-        peer, reason = TorchPeer.start(args.dtype, threads)
+        peer, reason = TorchPeer.start(args.dtype, threads, keep_heap=heap_kept)
         torch_note = (f"torch {peer.version} module calls in a worker process, {peer.threads} "
                       "threads, each cell timed right after fastbn's" if peer
                       else f"not measured: {reason}")

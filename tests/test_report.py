@@ -38,6 +38,7 @@ def test_quick_report_measures_every_cell(tmp_path):
         # The out= call and the one-pass bound are sampled in turn, the same number of times.
         assert len(row["out"]["samples_s"]) == len(row["one_pass"]["samples_s"]) >= 3
         assert row["bandwidth_bytes_per_s"] > 0
+        assert row["module"]["faults_per_call"] is not None
         module_s = row["module"]["median_s"]
         assert row["one_pass_fraction"] == pytest.approx(
             row["one_pass"]["median_s"] / row["out"]["median_s"])
@@ -57,6 +58,8 @@ def test_quick_report_measures_every_cell(tmp_path):
         assert report["summary"]["backward"]["speedup_vs_torch"]["min"] == min(speedups)
     assert "| train fwd | NCHW   | 2x4x8x8" in proc.stdout
     assert "Over the grid" in proc.stdout
+    assert report["settings"]["heap_kept"] is (sys.platform == "linux")
+    assert "page faults per timed module call" in proc.stdout
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 40, 40), (2, 3, 5, 5), (4, 5, 6), (8, 16),
@@ -198,3 +201,42 @@ def test_bfloat16_report_moves_half_the_bytes(tmp_path):
         for timing in ("module", "out", "one_pass", "numpy") + ("torch",) * HAS_TORCH:
             assert row[timing]["median_s"] > 0, timing
     assert "dtype bfloat16" in proc.stdout
+
+
+ALLOCATION_LOOP = """
+import ctypes, sys
+from fastbn.report.heap import keep_heap, minor_faults
+if sys.argv[1] == "keep":
+    assert keep_heap()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 48 << 20  # above glibc's largest adaptive mmap threshold (32 MiB)
+
+def calls(n):
+    for _ in range(n):
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)  # an output being written
+        libc.free(block)
+
+calls(3)
+before = minor_faults()
+calls(4)
+print((minor_faults() - before) / 4)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc and its fault counts")
+def test_kept_heap_serves_allocating_calls_without_page_faults():
+    """The report's timing processes keep freed memory (report/heap.py): a call that
+    allocates and writes a 48 MiB output then reuses warm pages, where glibc's defaults map
+    fresh ones on every call and fault each of their 12,288 pages in."""
+    faults = {}
+    for mode in ("default", "keep"):
+        proc = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        faults[mode] = float(proc.stdout)
+    assert faults["default"] > 10000, faults
+    assert faults["keep"] < 100, faults

@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from .heap import KEPT_HEAP_ENV
 from .timing import DEFAULT_SHAPES, time_op
 
 MEMORY_FORMATS = ("contiguous", "channels_last")
@@ -93,16 +94,19 @@ class _Worker:
         self.proc.wait()
 
 
-def run_layers(shapes=DEFAULT_SHAPES, threads=None, budget_s=0.5, out=sys.stdout):
-    """Table of forward + backward times per layer; returns the rows as dicts."""
+def run_layers(shapes=DEFAULT_SHAPES, threads=None, budget_s=0.5, out=sys.stdout,
+               heap="kept"):
+    """Table of forward + backward times per layer; returns the rows as dicts. heap: "kept"
+    starts both workers with glibc keeping freed memory (see report/heap.py), "trimmed" with
+    glibc's defaults."""
     import numba
 
     threads = threads or numba.get_num_threads()
-    workers = {impl: _Worker(impl, threads) for impl in IMPLEMENTATIONS}
+    workers = {impl: _Worker(impl, threads, HEAPS[heap]) for impl in IMPLEMENTATIONS}
     rows = []
     try:
         out.write(f"fastbn.torch per layer: forward + backward through autograd, float32, "
-                  f"{threads} threads, torch {workers['torch'].hello['torch']}\n")
+                  f"{threads} threads, torch {workers['torch'].hello['torch']}, heap {heap}\n")
         out.write(f"{'shape':>20} {'memory format':>14} {'torch ms':>10} {'fastbn ms':>10} "
                   f"{'speedup':>8}\n")
         for shape in shapes:
@@ -214,24 +218,25 @@ def model_worker(impl, memory_format, batch_norm, steps, batch=32, size=112):
 
 
 WAIT_POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+HEAPS = {"kept": KEPT_HEAP_ENV, "trimmed": {}}
 
 
 CONFIGURATIONS = (("torch", "batchnorm"), ("fastbn", "batchnorm"), ("torch", "identity"))
 
 
-def _run_model_worker(impl, memory_format, batch_norm, steps, policy, timeout):
+def _run_model_worker(impl, memory_format, batch_norm, steps, policy, heap, timeout):
     proc = subprocess.run(
         [sys.executable, "-m", "fastbn.report.bridge", "model-worker", impl, memory_format,
          batch_norm, str(steps)],
         capture_output=True, text=True, timeout=timeout,
-        env=dict(os.environ, **WAIT_POLICIES[policy]))
+        env=dict(os.environ, **WAIT_POLICIES[policy], **HEAPS[heap]))
     if proc.returncode != 0:
         raise RuntimeError(f"model worker failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_model(steps=20, policies=("default", "passive"), rounds=2, out=sys.stdout,
-              timeout=1800):
+              timeout=1800, heap="kept"):
     """The end-to-end table: step and inference times, batch norm's share, speedups.
 
     Every configuration runs once per round, rounds interleaved, and keeps its fastest round:
@@ -239,7 +244,7 @@ def run_model(steps=20, policies=("default", "passive"), rounds=2, out=sys.stdou
     estimate, and interleaving spreads a disturbance over all configurations alike."""
     rows = []
     out.write(f"ResNet-18-shaped CNN, batch 32, 3x112x112, {steps} training steps "
-              f"(median step; best of {rounds} interleaved rounds), float32\n")
+              f"(median step; best of {rounds} interleaved rounds), float32, heap {heap}\n")
     out.write(f"{'wait policy':>11} {'format':>14} {'batch norm':>10} {'train ms':>9} "
               f"{'infer ms':>9} {'BN share':>9} {'train speedup':>14} {'infer speedup':>14}\n")
     for policy in policies:
@@ -248,7 +253,7 @@ def run_model(steps=20, policies=("default", "passive"), rounds=2, out=sys.stdou
             for _ in range(rounds):
                 for impl, batch_norm in CONFIGURATIONS:
                     r = _run_model_worker(impl, memory_format, batch_norm, steps, policy,
-                                          timeout)
+                                          heap, timeout)
                     key = impl if batch_norm == "batchnorm" else "none"
                     previous = best.get(key, {"train_s": np.inf, "infer_s": np.inf})
                     best[key] = {k: min(previous[k], r[k]) for k in ("train_s", "infer_s")}

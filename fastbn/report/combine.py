@@ -40,9 +40,12 @@ def combine(reports):
             row[name] = _median([r.get(name) for r in rows])
         for name in TIMINGS:
             if row.get(name) is not None:
+                faults = [r[name].get("faults_per_call") for r in rows if r.get(name)]
                 row[name] = {"median_s": _median([r[name]["median_s"] for r in rows
                                                   if r.get(name)]),
-                             "runs_s": [r[name]["median_s"] for r in rows if r.get(name)]}
+                             "runs_s": [r[name]["median_s"] for r in rows if r.get(name)],
+                             "faults_per_call": max((f for f in faults if f is not None),
+                                                    default=None)}
         results.append(row)
     combined = copy.deepcopy(reports[0])
     combined["results"] = results

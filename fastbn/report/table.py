@@ -56,6 +56,10 @@ def summarize(results):
                        "one_pass_fraction": _stats([r["one_pass_fraction"] for r in large]),
                        "module_one_pass_fraction": _stats(
                            [r["module_one_pass_fraction"] for r in large])}
+    summary["faults_per_call"] = {
+        side: max((r[side]["faults_per_call"] for r in results
+                   if r[side] and r[side].get("faults_per_call") is not None), default=None)
+        for side in ("module", "torch")}
     return summary
 
 
@@ -90,6 +94,11 @@ def header_lines(machine, bandwidth, settings, torch_note):
         "(P * bytes / bandwidth) / time(out=) with P = "
         + ", ".join(f"{p} ({R.OP_TITLES[op]})" for op, p in R.PASSES.items())
         + ", shown only for tensors of at least twice the last-level cache",
+        "- heap: " + ("freed memory kept in the heap in both processes (glibc M_MMAP_THRESHOLD "
+                      "and M_TRIM_THRESHOLD), so an allocating call reuses warm pages"
+                      if settings.get("heap_kept") else
+                      "glibc's defaults: a call may fault its output's pages in afresh")
+        + " (see fastbn/report/heap.py)",
         f"- command: {settings['command']}",
     ]
 
@@ -130,7 +139,8 @@ def markdown_table(columns, rows, right_from):
 def summary_lines(summary):
     lines = ["", "Over the grid (speedups: every cell; one-pass fractions: cells of "
              f"{TARGET_BYTES >> 20} MB or more):", ""]
-    for op, values in summary.items():
+    for op in R.OPS:
+        values = summary[op]
         torch, frac = values["speedup_vs_torch"], values["one_pass_fraction"]
         module_frac = values["module_one_pass_fraction"]
         lines.append(
@@ -140,4 +150,9 @@ def summary_lines(summary):
             f"{format_fraction(frac['median'])}; (module) min "
             f"{format_fraction(module_frac['min'])}; vs NumPy geometric mean "
             f"{format_ratio(values['speedup_vs_numpy']['geometric_mean'])}")
+    faults = summary.get("faults_per_call", {})
+    if any(v is not None for v in faults.values()):
+        lines.append("- page faults per timed module call, most in any cell: "
+                     + ", ".join(f"{side if side == 'torch' else 'fastbn'} {v:.0f}"
+                                 for side, v in faults.items() if v is not None))
     return lines

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from .._validate import parameter_dtype, resolve_dtype
+from .heap import minor_faults
 
 PASSES = {"train_forward": 3, "eval_forward": 2, "backward": 5}
 OPS = tuple(PASSES)
@@ -183,9 +184,9 @@ def time_op(fn, budget_s=0.5, min_repeats=3, max_repeats=50, min_sample_s=1e-3, 
     """Time fn() with time.perf_counter: a dict with the median and every sample in seconds.
 
     One warm-up call first (compilation, page faults). Calls shorter than min_sample_s (by the
-    fastest of three) are
-    batched ``number`` at a time so a sample is not dominated by timer resolution; the number
-    of samples fits budget_s, clamped to [min_repeats, max_repeats].
+    fastest of three) are batched ``number`` at a time so a sample is not dominated by timer
+    resolution; the number of samples fits budget_s, clamped to [min_repeats, max_repeats].
+    ``faults_per_call`` is the page faults the timed calls took, per call (see report/heap.py).
     """
     if warmup:
         fn()
@@ -193,12 +194,15 @@ def time_op(fn, budget_s=0.5, min_repeats=3, max_repeats=50, min_sample_s=1e-3, 
     number = 1 if first >= min_sample_s else int(min(1000, np.ceil(min_sample_s / first)))
     repeats = int(np.clip(budget_s / (first * number), min_repeats, max_repeats))
     samples = []
+    faults_before = minor_faults()
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(number):
             fn()
         samples.append((time.perf_counter() - start) / number)
-    return {"median_s": float(np.median(samples)), "samples_s": samples, "number": number}
+    faults = None if faults_before is None else (minor_faults() - faults_before)
+    return {"median_s": float(np.median(samples)), "samples_s": samples, "number": number,
+            "faults_per_call": None if faults is None else faults / (repeats * number)}
 
 
 def time_interleaved(fns, budget_s=0.5, min_repeats=3, max_repeats=50, min_sample_s=1e-3):

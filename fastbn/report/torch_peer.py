@@ -32,6 +32,7 @@ import sys
 import numpy as np
 
 from .._validate import resolve_dtype
+from .heap import KEPT_HEAP_ENV
 from .timing import EPS, MOMENTUM, make_problem, time_op
 
 
@@ -43,8 +44,11 @@ class TorchPeer:
         self._proc, self.version, self.threads = proc, version, threads
 
     @classmethod
-    def start(cls, dtype, threads, seed=0):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    def start(cls, dtype, threads, seed=0, keep_heap=True):
+        """keep_heap: start the worker with glibc keeping freed memory, as the report's own
+        process does (see report/heap.py)."""
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   **(KEPT_HEAP_ENV if keep_heap else {}))
         try:
             proc = subprocess.Popen([sys.executable, "-m", "fastbn.report.torch_peer"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
