@@ -122,6 +122,9 @@ def main(rank, world, port, out_dir):
         report["contiguous"] = train_case(rank, world, torch.contiguous_format)
         report["channels_last"] = train_case(rank, world, torch.channels_last)
         report["bad_input"] = bad_input_case(rank, world)
+        # Rank 0 hosts the TCP store: tearing it down while another rank still talks to it
+        # aborted rank 0 now and then ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the test, which fails on it
         report["error"] = traceback.format_exc()

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .. import functional as F
 from ..kernels.jit import num_threads
-from .tensors import array_in_layout, as_array, empty_in_layout, in_kernel_layout
+from .tensors import (array_in_layout, as_array, empty_in_layout, empty_output,
+                      in_kernel_layout)
 
 __all__ = ["batch_norm_train", "batch_norm_eval", "batch_norm_backward",
            "batch_norm_eval_backward", "TrainFunction", "EvalFunction"]
@@ -73,7 +74,7 @@ def train_in_place(x, weight, bias, running_mean, running_var, momentum, eps, re
     place, as torch's own kernel does. Saved statistics are float64. With relu, y is
     max(0, batch norm), in the same pass."""
     x, channels_last = in_kernel_layout(x)
-    y = empty_in_layout(x, channels_last)
+    y = empty_output(x)
     forward = F.batch_norm_relu_forward if relu else F.batch_norm_forward
     _, save_mean, save_invstd = forward(
         as_array(x, channels_last), _array(weight), _array(bias), eps,
@@ -137,7 +138,7 @@ def eval_kernels(x: Tensor, running_mean: Tensor, running_var: Tensor,
                     relu: bool = False) -> Tensor:
     """y normalized with the running statistics (and its ReLU, with relu)."""
     x, channels_last = in_kernel_layout(x)
-    y = empty_in_layout(x, channels_last)
+    y = empty_output(x)
     evaluate = F.batch_norm_relu if relu else F.batch_norm
     evaluate(as_array(x, channels_last), _array(running_mean), _array(running_var),
              _array(weight), _array(bias), training=False, eps=eps, channels_last=channels_last,
@@ -188,7 +189,7 @@ def _grad_like(weight, x, n_channels):
 
 def _run_backward(grad_y, x, mean, invstd, weight, training, bias, relu):
     x, channels_last = in_kernel_layout(x)
-    dx = empty_in_layout(x, channels_last)
+    dx = empty_output(x)
     grad_y = array_in_layout(grad_y, channels_last)
     if relu:
         _, grad_weight, grad_bias = F.batch_norm_relu_backward(

@@ -21,7 +21,7 @@ from ..distributed.exchange import Exchange
 from .functional import KERNEL_DTYPES
 from .modules import _FastForward
 from .ops import _torch_thread_count
-from .tensors import array_in_layout, as_array, empty_in_layout, in_kernel_layout
+from .tensors import array_in_layout, as_array, empty_output, in_kernel_layout
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "ProcessGroupComm"]
 
@@ -88,7 +88,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if count == 1:
             raise ValueError("Expected more than 1 value per channel when training, got 1 "
                              f"value per channel over all {step.exchange.size} ranks")
-        y = empty_in_layout(x, channels_last)
+        y = empty_output(x)
         if count == 0:  # every shard empty: as batch norm on an empty batch
             mean = invstd = np.full(n, np.nan)
         else:
@@ -122,7 +122,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         n = step.num_features
         local_sums, rows = step.exchange.gather("SyncBatchNorm backward", 2 * n, local)
         total = Exchange.summed(rows).reshape(2, n)
-        dx = empty_in_layout(x, channels_last)
+        dx = empty_output(x)
         P._grad_input(dy_array, x_array, step.mean, step.invstd,
                       None if weight is None else as_array(weight), total, step.count,
                       channels_last, as_array(dx, channels_last))
