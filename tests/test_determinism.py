@@ -163,8 +163,10 @@ def test_row_kernels_give_the_same_bits_one_or_four_lane_groups_per_step(shape, 
     ((16, 28, 28, 1024), 4, 1, True),   # 4 KB groups
     ((8, 7, 7, 512), 4, 1, True),       # 0.8 MB: stays in cache
     ((64, 112, 112, 3), 4, 1, True),    # C = 3: 24-lane groups
-    ((32, 56, 56, 64), 4, 2, False),    # dy and x, 51 MB: one group per step at any size
+    ((32, 56, 56, 64), 4, 2, False),    # dy and x, 51 MB, 256 B groups: one group per step
     ((16, 28, 28, 1024), 4, 2, False),
+    ((64, 56, 56, 32), 4, 2, True),     # dy and x, 51 MB, 128 B groups: four per step
+    ((32, 56, 56, 16), 8, 2, True),     # float64, 128 B groups
     ((8, 224, 224, 3), 4, 2, True),     # 9.6 MB in all: stays in cache
     ((128, 1024), 4, 2, True),
 ])
