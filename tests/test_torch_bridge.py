@@ -340,3 +340,49 @@ def test_small_batches_run_torchs_kernel_and_large_ones_fastbns(monkeypatch, rng
 
 
 TRAIN_IN_PLACE = ops.train_in_place
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d",
+                                    "strided", "both"])
+def test_kernels_see_a_zero_copy_view_in_the_tensors_layout(layout, monkeypatch, rng):
+    """The contract's routing: contiguous memory takes the channels-first kernels and
+    channels_last / channels_last_3d memory the channels-last ones, each on a NumPy view of the
+    tensor's own memory (no copy), with y and dx in the input's memory format; any other
+    striding is copied to contiguous once. A tensor that is both (one channel) counts as
+    channels-first."""
+    shape = {"channels_last_3d": (4, 3, 5, 6, 7), "both": (4, 1, 6, 7)}.get(layout, (4, 3, 6, 7))
+    x = random_tensor(rng, shape, np.float32)
+    if layout in ("channels_last", "channels_last_3d"):
+        x = x.contiguous(memory_format=getattr(torch, layout))
+    elif layout == "strided":
+        x = random_tensor(rng, (4, 3, 6, 14), np.float32)[..., ::2]
+    x.requires_grad_()
+    import fastbn.functional as F
+    seen = []
+
+    def spy(name):
+        real = getattr(F, name)
+
+        def call(*args, channels_last=False, **kwargs):
+            array = args[0] if name == "batch_norm_forward" else args[1]
+            seen.append((name, channels_last, array.__array_interface__["data"][0],
+                         array.shape, array.flags.c_contiguous))
+            return real(*args, channels_last=channels_last, **kwargs)
+        monkeypatch.setattr(ops.F, name, call)
+
+    spy("batch_norm_forward")
+    spy("batch_norm_backward")
+    module = FAST_BATCHNORM[x.dim()](shape[1])
+    y = module(x)
+    y.backward(torch.ones_like(y))
+    channels_last = layout in ("channels_last", "channels_last_3d")
+    assert [s[:2] for s in seen] == [("batch_norm_forward", channels_last),
+                                     ("batch_norm_backward", channels_last)]
+    for _, _, address, array_shape, c_contiguous in seen:
+        assert c_contiguous
+        assert array_shape == (x.movedim(1, -1).shape if channels_last else x.shape)
+        assert (address == x.data_ptr()) is (layout != "strided")
+    if layout == "strided":
+        assert y.is_contiguous() and x.grad.is_contiguous()
+    else:
+        assert y.stride() == x.stride() and x.grad.stride() == x.stride()
