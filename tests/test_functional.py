@@ -337,6 +337,25 @@ def test_channel_moments_match_reference(shape, dtype, channels_last, rng):
     ref.assert_close(m2, m2_exp, np.float64, np.abs(m2_exp) + 1e-300, "m2")
 
 
+# The channels-last statistics pass prefetches once its input reaches
+# kernels.prefetch.STREAMED_BYTES (20 MiB), in a loop of its own: (84, 64, 32, 32) is just past
+# it in float32 (four lane groups per step) and in float64 (one per step).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_streamed_channels_last_statistics_match_reference(dtype, rng):
+    from fastbn.kernels.prefetch import STREAMED_BYTES
+    shape = (84, 64, 32, 32)
+    x = make_input(rng, shape, dtype, channels_last=True) + dtype(3.0)
+    assert x.nbytes >= STREAMED_BYTES
+    count, mean, m2 = fastbn.channel_moments(x, channels_last=True)
+    count_exp, mean_exp, m2_exp = ref.channel_moments(x, True)
+    np.testing.assert_array_equal(count, count_exp)
+    ref.assert_close(mean, mean_exp, np.float64, np.max(np.abs(x)), "mean")
+    ref.assert_close(m2, m2_exp, np.float64, np.abs(m2_exp) + 1e-300, "m2")
+    weight, bias = make_params(rng, shape[1], dtype)
+    check_train_forward(x, weight, bias, 1e-5, True, momentum=0.1,
+                        running=make_running(rng, shape[1], dtype))
+
+
 def test_merged_moments_of_parts_equal_moments_of_whole(dtype, channels_last, rng):
     """Split a batch along N, merge the parts' moments, compare with the whole batch."""
     shape = (7, 3, 5, 4)
