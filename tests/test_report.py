@@ -149,16 +149,19 @@ def test_combine_takes_cell_medians_over_runs(tmp_path):
 @pytest.mark.skipif(not HAS_TORCH, reason="the bridge benchmark needs torch")
 def test_bridge_report_times_both_implementations_per_cell(tmp_path):
     path = tmp_path / "bridge.json"
-    proc = run_report("--bridge", "--quick", "--shapes", "2x4x8x8", "128x1024", "--json",
+    proc = run_report("--bridge", "--quick", "--shapes", "2x4x8x8", "8x16x64x64", "--json",
                       str(path))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(path.read_text())["layers"]
-    assert [(r["shape"], r["memory_format"]) for r in rows] == [
-        ([2, 4, 8, 8], "contiguous"), ([2, 4, 8, 8], "channels_last"), ([128, 1024], "contiguous")]
+    # Which kernels fastbn.torch ran: torch's for a small batch and for channels-last memory
+    # of 16 channels or more, its own otherwise (fastbn.torch.functional's routing).
+    assert [(r["shape"], r["memory_format"], r["kernels"]) for r in rows] == [
+        ([2, 4, 8, 8], "contiguous", "torch"), ([2, 4, 8, 8], "channels_last", "torch"),
+        ([8, 16, 64, 64], "contiguous", "fastbn"), ([8, 16, 64, 64], "channels_last", "torch")]
     for row in rows:
         assert row["torch_s"] > 0 and row["fastbn_s"] > 0
         assert row["speedup"] == pytest.approx(row["torch_s"] / row["fastbn_s"])
-    assert "median speedup" in proc.stdout
+    assert "median speedup" in proc.stdout and "fastbn's kernels" in proc.stdout
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

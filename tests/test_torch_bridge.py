@@ -342,6 +342,49 @@ def test_small_batches_run_torchs_kernel_and_large_ones_fastbns(monkeypatch, rng
 TRAIN_IN_PLACE = ops.train_in_place
 
 
+def test_channels_last_batches_of_many_channels_run_torchs_kernel(monkeypatch, rng):
+    """Channels-last float32/float64 batch norms of TORCH_CHANNELS_LAST_MIN_CHANNELS channels
+    or more run torch's own kernel (as fast there, and the bridge's Python would make the call
+    slower): exactly torch's output, running statistics and gradients. Fewer channels, a fused
+    ReLU, contiguous memory, or the threshold set to None keep fastbn's kernels."""
+    import fastbn.torch.functional as bridge
+
+    monkeypatch.setattr(bridge, "TORCH_CHANNELS_LAST_MIN_CHANNELS", 16)
+    calls = []
+    monkeypatch.setattr(ops, "train_in_place", lambda *args: calls.append(args[0].shape)
+                        or TRAIN_IN_PLACE(*args))
+    for dtype, shape in ((np.float32, (4, 32, 6, 5)), (np.float64, (2, 16, 3, 4, 5))):
+        x = random_tensor(rng, shape, dtype)
+        memory_format = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=memory_format).requires_grad_()
+        dy = random_tensor(rng, shape, dtype)
+        assert not ft.covered_by_kernels(x)
+        assert ft.covered_by_kernels(x, relu=True)
+        assert ft.covered_by_kernels(x.detach().contiguous())
+        family = torch.nn.BatchNorm2d if x.dim() == 4 else torch.nn.BatchNorm3d
+        converted = ft.BatchNorm2d if x.dim() == 4 else ft.BatchNorm3d
+        expected = family(shape[1]).to(x.dtype)
+        actual = converted(shape[1]).to(x.dtype)
+        y_expected = expected(x)
+        (dx_expected,) = torch.autograd.grad(y_expected, x, dy)
+        y_actual = actual(x)
+        (dx_actual,) = torch.autograd.grad(y_actual, x, dy)
+        assert torch.equal(y_actual, y_expected) and torch.equal(dx_actual, dx_expected)
+        assert y_actual.is_contiguous(memory_format=memory_format)
+        assert torch.equal(actual.running_var, expected.running_var)
+        assert calls == []
+    few = random_tensor(rng, (4, 8, 6, 5), np.float32).contiguous(memory_format=torch.channels_last)
+    assert ft.covered_by_kernels(few)
+    ft.BatchNorm2d(8)(few)
+    assert calls == [few.shape]
+    monkeypatch.setattr(bridge, "TORCH_CHANNELS_LAST_MIN_CHANNELS", None)
+    many = random_tensor(rng, (4, 32, 6, 5), np.float32).contiguous(
+        memory_format=torch.channels_last)
+    assert ft.covered_by_kernels(many)
+
+
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d",
                                     "strided", "both"])
 def test_kernels_see_a_zero_copy_view_in_the_tensors_layout(layout, monkeypatch, rng):

@@ -69,6 +69,13 @@ def layer_worker(impl):
                 x.grad = None
 
             reply = time_op(step, budget_s=request["budget_s"])
+            if impl == "fastbn":
+                import fastbn.torch as ft
+                # Which kernels fastbn.torch chose: its own, or torch's (small batches,
+                # channels-last tensors of many channels; see fastbn.torch.functional).
+                reply["kernels"] = ("fastbn" if ft.covered_by_kernels(
+                    x, module.weight, module.bias, module.running_mean, module.running_var)
+                    else "torch")
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 
@@ -108,24 +115,25 @@ def run_layers(shapes=DEFAULT_SHAPES, threads=None, budget_s=0.5, out=sys.stdout
         out.write(f"fastbn.torch per layer: forward + backward through autograd, float32, "
                   f"{threads} threads, torch {workers['torch'].hello['torch']}, heap {heap}\n")
         out.write(f"{'shape':>20} {'memory format':>14} {'torch ms':>10} {'fastbn ms':>10} "
-                  f"{'speedup':>8}\n")
+                  f"{'speedup':>8}  fastbn.torch ran\n")
         for shape in shapes:
             for memory_format in MEMORY_FORMATS:
                 if memory_format == "channels_last" and len(shape) < 4:
                     continue  # torch has no channels-last format below 4-D
-                times = {}
+                replies = {}
                 for impl in ("fastbn", "torch"):
-                    reply = workers[impl].ask({"cmd": "time", "shape": list(shape),
-                                               "memory_format": memory_format,
-                                               "budget_s": budget_s})
-                    times[impl] = reply["median_s"]
+                    replies[impl] = workers[impl].ask({"cmd": "time", "shape": list(shape),
+                                                       "memory_format": memory_format,
+                                                       "budget_s": budget_s})
+                times = {impl: reply["median_s"] for impl, reply in replies.items()}
                 row = dict(shape=list(shape), memory_format=memory_format,
                            torch_s=times["torch"], fastbn_s=times["fastbn"],
-                           speedup=times["torch"] / times["fastbn"])
+                           speedup=times["torch"] / times["fastbn"],
+                           kernels=replies["fastbn"]["kernels"])
                 rows.append(row)
                 out.write(f"{'x'.join(map(str, shape)):>20} {memory_format:>14} "
                           f"{1e3 * row['torch_s']:10.3f} {1e3 * row['fastbn_s']:10.3f} "
-                          f"{row['speedup']:7.2f}x\n")
+                          f"{row['speedup']:7.2f}x  {row['kernels']}'s kernels\n")
                 out.flush()
     finally:
         for worker in workers.values():

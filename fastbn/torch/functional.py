@@ -6,7 +6,9 @@ running statistics of the input's dtype, run fastbn's kernels, and so do bfloat1
 inputs with float32 weight, bias and running statistics (torch's mixed precision; bfloat16
 needs ml_dtypes, the lowp extra, to reach the kernels). Everything else (CUDA and other
 devices, the meta device, 16-bit parameters, other mixed dtypes) runs
-``torch.nn.functional.batch_norm`` and gives exactly its result. Fake tensors met while
+``torch.nn.functional.batch_norm`` and gives exactly its result, and so do float32 and float64
+channels-last batch norms (without a fused ReLU) of at least TORCH_CHANNELS_LAST_MIN_CHANNELS
+channels, where torch's own kernel is as fast as fastbn's (see there). Fake tensors met while
 ``torch.compile`` traces count as CPU tensors and go through the custom ops' fake kernels.
 """
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as torch_functional
 
 from . import ops
-from .tensors import has_bfloat16_arrays, in_kernel_layout
+from .tensors import has_bfloat16_arrays, in_kernel_layout, kernel_layout
 
 __all__ = ["batch_norm", "batch_norm_relu", "covered_by_kernels"]
 
@@ -29,14 +31,32 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 KERNEL_MIN_ELEMENTS = 1 << 18
 # 16-bit storage: the kernels read and write their bits (see tensors.as_array).
 LOWP_DTYPES = (torch.bfloat16, torch.float16)
+# Channels-last float32 and float64 batch norms of at least this many channels run torch's own
+# kernel. torch's channels-last kernels are vectorized across channels and already move the
+# bytes at the memory's speed; fastbn's make the same passes, and its float64 sums cost more
+# arithmetic wherever the tensor is in the cache. Inside a ResNet-18-shaped model (batch 32,
+# 112x112, 2 threads) fastbn's channels-last kernels alone took about as long as torch's whole
+# forward or backward call, e.g. (32, 64, 28, 28) 442 us forward and 611 us backward against
+# 520 and 500 us, so the bridge's Python around them made the converted step slower (medians
+# of three interleaved rounds: 252.0 against 244.6 ms); routed to torch's kernel, 246.8 ms.
+# Below 16 channels torch's loops leave its vectors part-empty and fastbn's lane groups win
+# (8x3x224x224: 19-30x). A ReLU fused into the kernels (BNReLU modules) saves the ReLU's own
+# pass and stays on fastbn. Set this to None to run every channels-last tensor on fastbn's
+# kernels, whose statistics are float64 and do not depend on the thread count; torch's are
+# float32 and do.
+TORCH_CHANNELS_LAST_MIN_CHANNELS = 16
 
 
-def covered_by_kernels(input, *tensors):
+def covered_by_kernels(input, *tensors, relu=False):
     """True when fastbn's kernels compute batch norm of ``input`` with these weight, bias and
-    running tensors (None entries are ignored)."""
+    running tensors (None entries are ignored); ``relu``: with a ReLU fused (BNReLU)."""
     if input.device.type != "cpu" or input.dim() < 2 or input.numel() < KERNEL_MIN_ELEMENTS:
         return False
     if input.dtype in KERNEL_DTYPES:
+        if (not relu and TORCH_CHANNELS_LAST_MIN_CHANNELS is not None
+                and input.shape[1] >= TORCH_CHANNELS_LAST_MIN_CHANNELS
+                and kernel_layout(input) is True):
+            return False
         param_dtype = input.dtype
     elif input.dtype in LOWP_DTYPES and (input.dtype == torch.float16 or has_bfloat16_arrays()):
         param_dtype = torch.float32
@@ -68,7 +88,7 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
-    if not covered_by_kernels(input, running_mean, running_var, weight, bias):
+    if not covered_by_kernels(input, running_mean, running_var, weight, bias, relu=relu):
         y = torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
                                         training, momentum, eps)
         return torch.relu(y) if relu else y
