@@ -176,9 +176,13 @@ class _WithThreads:
             return self.kernel(*args)
 
 
-# How often free_cores looks at the scheduler again: reading /proc costs 10-40 us, so a call
-# never pays it more than once per interval.
-LOAD_SAMPLE_S = 0.05
+# How often free_cores looks at the scheduler again: reading /proc costs 10-40 us on a quiet
+# loop, and far more inside a model, where each batch-norm call finds the caches cold after a
+# convolution: in a ResNet-18-shaped training step (fastbn.torch, channels-first) the kernel
+# choice took 8-9 us per call at the median but 40-50 us on average, 1.8 ms of a 290 ms step,
+# with a reading every 0.05 s. Other processes' load lasts seconds, so a quarter second still
+# follows it.
+LOAD_SAMPLE_S = 0.25
 _load_sample = [-1.0, None, None]  # (when, free cores, the reading before)
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 # /proc/loadavg counts the runnable threads of the whole machine, and inside a container of
