@@ -53,6 +53,7 @@ def layer_worker(impl):
     """Serve timing requests for one implementation as JSON lines on stdin/stdout."""
     import torch
 
+    cell = {}  # the last cell's module and tensors: a cell is asked for several rounds
     for line in sys.stdin:
         request = json.loads(line)
         if request["cmd"] == "hello":
@@ -60,9 +61,13 @@ def layer_worker(impl):
             reply = {"torch": torch.__version__, "threads": torch.get_num_threads()}
         else:
             shape = tuple(request["shape"])
-            module = _module_for(torch, impl, shape)
-            x = _tensor(torch, shape, request["memory_format"], 0).requires_grad_()
-            dy = _tensor(torch, shape, request["memory_format"], 1)
+            key = (shape, request["memory_format"])
+            if cell.get("key") != key:
+                cell.clear()
+                cell.update(key=key, module=_module_for(torch, impl, shape),
+                            x=_tensor(torch, shape, key[1], 0).requires_grad_(),
+                            dy=_tensor(torch, shape, key[1], 1))
+            module, x, dy = cell["module"], cell["x"], cell["dy"]
 
             def step():
                 module(x).backward(dy)
@@ -101,11 +106,18 @@ class _Worker:
         self.proc.wait()
 
 
+# Each cell is timed in this many rounds, the two workers taking turns in alternating order,
+# and each implementation's time is the median of its rounds. One block of 0.5 s each, back to back, let the machine's drift into the ratio: the
+# same torch kernel, run by both workers, read 0.81-1.18x in single blocks.
+LAYER_ROUNDS = 5
+
+
 def run_layers(shapes=DEFAULT_SHAPES, threads=None, budget_s=0.5, out=sys.stdout,
                heap="kept"):
-    """Table of forward + backward times per layer; returns the rows as dicts. heap: "kept"
-    starts both workers with glibc keeping freed memory (see report/heap.py), "trimmed" with
-    glibc's defaults."""
+    """Table of forward + backward times per layer; returns the rows as dicts. budget_s: the
+    time per implementation and cell, split over LAYER_ROUNDS rounds. heap: "kept" starts both
+    workers with glibc keeping freed memory (see report/heap.py), "trimmed" with glibc's
+    defaults."""
     import numba
 
     threads = threads or numba.get_num_threads()
@@ -120,16 +132,19 @@ def run_layers(shapes=DEFAULT_SHAPES, threads=None, budget_s=0.5, out=sys.stdout
             for memory_format in MEMORY_FORMATS:
                 if memory_format == "channels_last" and len(shape) < 4:
                     continue  # torch has no channels-last format below 4-D
-                replies = {}
-                for impl in ("fastbn", "torch"):
-                    replies[impl] = workers[impl].ask({"cmd": "time", "shape": list(shape),
-                                                       "memory_format": memory_format,
-                                                       "budget_s": budget_s})
-                times = {impl: reply["median_s"] for impl, reply in replies.items()}
+                replies = {impl: [] for impl in IMPLEMENTATIONS}
+                for round_ in range(LAYER_ROUNDS):
+                    for impl in IMPLEMENTATIONS[::-1] if round_ % 2 else IMPLEMENTATIONS:
+                        replies[impl].append(workers[impl].ask(
+                            {"cmd": "time", "shape": list(shape),
+                             "memory_format": memory_format,
+                             "budget_s": budget_s / LAYER_ROUNDS}))
+                times = {impl: float(np.median([r["median_s"] for r in rounds]))
+                         for impl, rounds in replies.items()}
                 row = dict(shape=list(shape), memory_format=memory_format,
                            torch_s=times["torch"], fastbn_s=times["fastbn"],
                            speedup=times["torch"] / times["fastbn"],
-                           kernels=replies["fastbn"]["kernels"])
+                           kernels=replies["fastbn"][0]["kernels"])
                 rows.append(row)
                 out.write(f"{'x'.join(map(str, shape)):>20} {memory_format:>14} "
                           f"{1e3 * row['torch_s']:10.3f} {1e3 * row['fastbn_s']:10.3f} "
