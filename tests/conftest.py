@@ -164,15 +164,16 @@ def in_memory(x, kind):
 
 @pytest.fixture(autouse=True)
 def fastbn_torch_kernels_for_every_size(monkeypatch):
-    """The suites check fastbn's kernels on small tensors and on channels-last tensors of many
-    channels, which the bridge would otherwise hand to torch's own kernel
-    (fastbn.torch.functional.KERNEL_MIN_ELEMENTS, TORCH_CHANNELS_LAST_MIN_CHANNELS); only the
-    tests of that routing restore them. Nothing is imported here: without torch this does
-    nothing."""
+    """The suites check fastbn's kernels on small tensors, on channels-last tensors of many
+    channels and in eval mode, which the bridge would otherwise hand to torch's own kernel
+    (fastbn.torch.functional.KERNEL_MIN_ELEMENTS, TORCH_CHANNELS_LAST_MIN_CHANNELS,
+    TORCH_RUNNING_STATS); only the tests of that routing restore them. Nothing is imported
+    here: without torch this does nothing."""
     bridge = sys.modules.get("fastbn.torch.functional")
     if bridge is not None:
         monkeypatch.setattr(bridge, "KERNEL_MIN_ELEMENTS", 0)
         monkeypatch.setattr(bridge, "TORCH_CHANNELS_LAST_MIN_CHANNELS", None)
+        monkeypatch.setattr(bridge, "TORCH_RUNNING_STATS", False)
 
 
 @pytest.fixture(params=DTYPES, ids=dtype_id)

@@ -342,6 +342,42 @@ def test_small_batches_run_torchs_kernel_and_large_ones_fastbns(monkeypatch, rng
 TRAIN_IN_PLACE = ops.train_in_place
 
 
+def test_eval_mode_runs_torchs_kernel(monkeypatch, rng):
+    """With TORCH_RUNNING_STATS, normalizing float32/float64 with the running statistics runs
+    torch's own kernel: exactly torch's output and input gradient (frozen batch norm), the
+    buffers untouched. Training, eval without tracked statistics (batch statistics), a fused
+    ReLU, and TORCH_RUNNING_STATS = False keep fastbn's kernels."""
+    import fastbn.torch.functional as bridge
+
+    monkeypatch.setattr(bridge, "TORCH_RUNNING_STATS", True)
+    calls = []
+    for name in ("train_in_place", "eval_kernels"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, original=original, name=name:
+                            calls.append(name) or original(*args))
+    x = random_tensor(rng, (4, 6, 5, 7), np.float64).requires_grad_()
+    dy = random_tensor(rng, (4, 6, 5, 7), np.float64)
+    expected, actual = torch.nn.BatchNorm2d(6).double(), ft.BatchNorm2d(6).double()
+    for module in (expected, actual):
+        with torch.no_grad():
+            module.running_mean.copy_(torch.linspace(-1, 1, 6, dtype=torch.float64))
+            module.running_var.copy_(torch.linspace(0.5, 2, 6, dtype=torch.float64))
+        module.eval()
+    assert not ft.covered_by_kernels(x, training=False)
+    assert ft.covered_by_kernels(x, training=False, relu=True) and ft.covered_by_kernels(x)
+    y_expected, y_actual = expected(x), actual(x)
+    (dx_expected,) = torch.autograd.grad(y_expected, x, dy)
+    (dx_actual,) = torch.autograd.grad(y_actual, x, dy)
+    assert torch.equal(y_actual, y_expected) and torch.equal(dx_actual, dx_expected)
+    assert torch.equal(actual.running_var, expected.running_var) and calls == []
+    untracked = ft.BatchNorm2d(6, track_running_stats=False).double().eval()
+    untracked(x)
+    assert calls == ["train_in_place"]
+    monkeypatch.setattr(bridge, "TORCH_RUNNING_STATS", False)
+    actual(x)
+    assert calls == ["train_in_place", "eval_kernels"]
+
+
 def test_channels_last_batches_of_many_channels_run_torchs_kernel(monkeypatch, rng):
     """Channels-last float32/float64 batch norms of TORCH_CHANNELS_LAST_MIN_CHANNELS channels
     or more run torch's own kernel (as fast there, and the bridge's Python would make the call

@@ -6,9 +6,10 @@ running statistics of the input's dtype, run fastbn's kernels, and so do bfloat1
 inputs with float32 weight, bias and running statistics (torch's mixed precision; bfloat16
 needs ml_dtypes, the lowp extra, to reach the kernels). Everything else (CUDA and other
 devices, the meta device, 16-bit parameters, other mixed dtypes) runs
-``torch.nn.functional.batch_norm`` and gives exactly its result, and so do float32 and float64
-channels-last batch norms (without a fused ReLU) of at least TORCH_CHANNELS_LAST_MIN_CHANNELS
-channels, where torch's own kernel is as fast as fastbn's (see there). Fake tensors met while
+``torch.nn.functional.batch_norm`` and gives exactly its result, and so do two kinds of float32
+and float64 batch norm without a fused ReLU where torch's own kernel is as fast as fastbn's
+(see TORCH_CHANNELS_LAST_MIN_CHANNELS and TORCH_RUNNING_STATS): channels-last tensors of many
+channels, and normalization with the running statistics (eval mode). Fake tensors met while
 ``torch.compile`` traces count as CPU tensors and go through the custom ops' fake kernels.
 """
 
@@ -45,17 +46,26 @@ LOWP_DTYPES = (torch.bfloat16, torch.float16)
 # kernels, whose statistics are float64 and do not depend on the thread count; torch's are
 # float32 and do.
 TORCH_CHANNELS_LAST_MIN_CHANNELS = 16
+# Float32 and float64 normalization with the running statistics (eval mode, without a fused
+# ReLU) runs torch's own kernel when this is True. It is one streaming pass, which torch's
+# kernel makes at about the memory's speed (fastbn's kernel alone is 1.0-1.35x faster, see
+# python -m fastbn), so the bridge's Python around fastbn's only made it slower: in the
+# ResNet-18-shaped model's inference (channels-first, 20 batch norms), fastbn's batch-norm
+# calls took 4.7-6.9 ms per forward against torch's 3.0-3.3 ms, slower on every layer shape.
+TORCH_RUNNING_STATS = True
 
 
-def covered_by_kernels(input, *tensors, relu=False):
+def covered_by_kernels(input, *tensors, relu=False, training=True):
     """True when fastbn's kernels compute batch norm of ``input`` with these weight, bias and
-    running tensors (None entries are ignored); ``relu``: with a ReLU fused (BNReLU)."""
+    running tensors (None entries are ignored); ``relu``: with a ReLU fused (BNReLU);
+    ``training``: with the batch's statistics, False with the running ones."""
     if input.device.type != "cpu" or input.dim() < 2 or input.numel() < KERNEL_MIN_ELEMENTS:
         return False
     if input.dtype in KERNEL_DTYPES:
-        if (not relu and TORCH_CHANNELS_LAST_MIN_CHANNELS is not None
-                and input.shape[1] >= TORCH_CHANNELS_LAST_MIN_CHANNELS
-                and kernel_layout(input) is True):
+        if not relu and ((not training and TORCH_RUNNING_STATS)
+                         or (TORCH_CHANNELS_LAST_MIN_CHANNELS is not None
+                             and input.shape[1] >= TORCH_CHANNELS_LAST_MIN_CHANNELS
+                             and kernel_layout(input) is True)):
             return False
         param_dtype = input.dtype
     elif input.dtype in LOWP_DTYPES and (input.dtype == torch.float16 or has_bfloat16_arrays()):
@@ -88,7 +98,8 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
-    if not covered_by_kernels(input, running_mean, running_var, weight, bias, relu=relu):
+    if not covered_by_kernels(input, running_mean, running_var, weight, bias, relu=relu,
+                              training=training):
         y = torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
                                         training, momentum, eps)
         return torch.relu(y) if relu else y
