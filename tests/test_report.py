@@ -243,3 +243,33 @@ def test_kept_heap_serves_allocating_calls_without_page_faults():
         faults[mode] = float(proc.stdout)
     assert faults["default"] > 10000, faults
     assert faults["keep"] < 100, faults
+
+
+def test_model_table_takes_fastest_times_and_median_of_round_ratios(monkeypatch):
+    """--bridge-model: each configuration's time is its fastest round; a speedup is the median
+    over rounds of torch's time over the converted model's in the same round (drift lands on
+    both). The workers are replaced by recorded times, so no torch is needed."""
+    import io
+
+    from fastbn.report import bridge
+
+    # Round by round: torch drifts 100 -> 130 -> 115 ms; fastbn is 90% of torch in rounds 1
+    # and 3 and 120% in round 2, so the median ratio is 1/0.9 while best-of would give 1.0.
+    train = {"torch": [0.100, 0.130, 0.115], "fastbn": [0.090, 0.156, 0.1035],
+             "identity": [0.080, 0.080, 0.080]}
+    calls = {key: iter(values) for key, values in train.items()}
+
+    def fake_worker(impl, memory_format, batch_norm, steps, policy, heap, timeout):
+        key = impl if batch_norm == "batchnorm" else "identity"
+        value = next(calls[key])
+        return {"train_s": value, "infer_s": value / 2}
+
+    monkeypatch.setattr(bridge, "MEMORY_FORMATS", ("contiguous",))
+    monkeypatch.setattr(bridge, "_run_model_worker", fake_worker)
+    rows = bridge.run_model(steps=1, policies=("default",), rounds=3, out=io.StringIO())
+    torch_row, fastbn_row = rows
+    assert torch_row["train_s"] == 0.100 and fastbn_row["train_s"] == 0.090
+    assert fastbn_row["train_speedup"] == pytest.approx(1 / 0.9)
+    assert fastbn_row["train_ratios"] == pytest.approx([1 / 0.9, 1 / 1.2, 1 / 0.9])
+    assert torch_row["train_speedup"] == 1.0
+    assert fastbn_row["bn_share"] == pytest.approx((0.090 - 0.080) / 0.090)

@@ -262,32 +262,41 @@ def run_model(steps=20, policies=("default", "passive"), rounds=2, out=sys.stdou
               timeout=1800, heap="kept"):
     """The end-to-end table: step and inference times, batch norm's share, speedups.
 
-    Every configuration runs once per round, rounds interleaved, and keeps its fastest round:
-    other processes on the machine only ever add time, so the minimum is the least disturbed
-    estimate, and interleaving spreads a disturbance over all configurations alike."""
+    Every configuration runs once per round, in a fresh process, one after the other. Times are
+    the fastest round's (other processes on the machine only add time). Speedups are the median
+    over rounds of each round's ratio, torch's time over the converted model's: this machine's
+    speed drifts by several percent over minutes, which the two processes of one round share
+    and the fastest rounds of the two need not."""
     rows = []
     out.write(f"ResNet-18-shaped CNN, batch 32, 3x112x112, {steps} training steps "
-              f"(median step; best of {rounds} interleaved rounds), float32, heap {heap}\n")
+              f"(median step; time: best of {rounds} interleaved rounds, speedup: median of "
+              f"the rounds' ratios), float32, heap {heap}\n")
     out.write(f"{'wait policy':>11} {'format':>14} {'batch norm':>10} {'train ms':>9} "
               f"{'infer ms':>9} {'BN share':>9} {'train speedup':>14} {'infer speedup':>14}\n")
     for policy in policies:
         for memory_format in MEMORY_FORMATS:
-            best = {}
+            runs = {"torch": [], "fastbn": [], "none": []}
             for _ in range(rounds):
                 for impl, batch_norm in CONFIGURATIONS:
-                    r = _run_model_worker(impl, memory_format, batch_norm, steps, policy,
-                                          heap, timeout)
                     key = impl if batch_norm == "batchnorm" else "none"
-                    previous = best.get(key, {"train_s": np.inf, "infer_s": np.inf})
-                    best[key] = {k: min(previous[k], r[k]) for k in ("train_s", "infer_s")}
+                    runs[key].append(_run_model_worker(impl, memory_format, batch_norm, steps,
+                                                       policy, heap, timeout))
+            best = {key: {k: min(r[k] for r in results) for k in ("train_s", "infer_s")}
+                    for key, results in runs.items()}
+
+            def speedup(impl, k):
+                return float(np.median([t[k] / r[k] for t, r in zip(runs["torch"], runs[impl])]))
+
             base = best["none"]
             for impl in ("torch", "fastbn"):
                 r = best[impl]
                 share = (r["train_s"] - base["train_s"]) / r["train_s"]
                 row = dict(policy=policy, memory_format=memory_format, batch_norm=impl,
                            train_s=r["train_s"], infer_s=r["infer_s"], bn_share=share,
-                           train_speedup=best["torch"]["train_s"] / r["train_s"],
-                           infer_speedup=best["torch"]["infer_s"] / r["infer_s"])
+                           train_speedup=speedup(impl, "train_s"),
+                           infer_speedup=speedup(impl, "infer_s"),
+                           train_ratios=[t["train_s"] / x["train_s"]
+                                         for t, x in zip(runs["torch"], runs[impl])])
                 rows.append(row)
                 out.write(f"{policy:>11} {memory_format:>14} {impl:>10} "
                           f"{1e3 * r['train_s']:9.1f} {1e3 * r['infer_s']:9.1f} "
