@@ -41,10 +41,10 @@ LOWP_DTYPES = (torch.bfloat16, torch.float16)
 # 520 and 500 us, so the bridge's Python around them made the converted step slower (medians
 # of three interleaved rounds: 252.0 against 244.6 ms); routed to torch's kernel, 246.8 ms.
 # Below 16 channels torch's loops leave its vectors part-empty and fastbn's lane groups win
-# (8x3x224x224: 19-30x). A ReLU fused into the kernels (BNReLU modules) saves the ReLU's own
-# pass and stays on fastbn. Set this to None to run every channels-last tensor on fastbn's
-# kernels, whose statistics are float64 and do not depend on the thread count; torch's are
-# float32 and do.
+# (8x3x224x224: 28-32x in python -m fastbn --bridge). A ReLU fused into the kernels (BNReLU
+# modules) saves the ReLU's own pass and stays on fastbn. Set this to None to run every
+# channels-last tensor on fastbn's kernels, whose statistics are float64 and do not depend on
+# the thread count.
 TORCH_CHANNELS_LAST_MIN_CHANNELS = 16
 # Float32 and float64 normalization with the running statistics (eval mode, without a fused
 # ReLU) runs torch's own kernel when this is True. It is one streaming pass, which torch's
