@@ -409,7 +409,8 @@ def test_channels_last_batches_of_many_channels_run_torchs_kernel(monkeypatch, r
         assert y_actual.is_contiguous(memory_format=memory_format)
         assert torch.equal(actual.running_var, expected.running_var)
         assert calls == []
-    few = random_tensor(rng, (4, 8, 6, 5), np.float32).contiguous(memory_format=torch.channels_last)
+    few = random_tensor(rng, (4, 8, 6, 5), np.float32).contiguous(
+        memory_format=torch.channels_last)
     assert ft.covered_by_kernels(few)
     ft.BatchNorm2d(8)(few)
     assert calls == [few.shape]

@@ -107,8 +107,9 @@ class _Worker:
 
 
 # Each cell is timed in this many rounds, the two workers taking turns in alternating order,
-# and each implementation's time is the median of its rounds. One block of 0.5 s each, back to back, let the machine's drift into the ratio: the
-# same torch kernel, run by both workers, read 0.81-1.18x in single blocks.
+# and each implementation's time is the median of its rounds. One block of 0.5 s per worker,
+# back to back, let the machine's drift into the ratio: the same torch kernel, run by both
+# workers, read 0.81-1.18x in single blocks.
 LAYER_ROUNDS = 5
 
 
@@ -284,8 +285,8 @@ def run_model(steps=20, policies=("default", "passive"), rounds=2, out=sys.stdou
             best = {key: {k: min(r[k] for r in results) for k in ("train_s", "infer_s")}
                     for key, results in runs.items()}
 
-            def speedup(impl, k):
-                return float(np.median([t[k] / r[k] for t, r in zip(runs["torch"], runs[impl])]))
+            def ratios(impl, k):
+                return [t[k] / r[k] for t, r in zip(runs["torch"], runs[impl])]
 
             base = best["none"]
             for impl in ("torch", "fastbn"):
@@ -293,10 +294,9 @@ def run_model(steps=20, policies=("default", "passive"), rounds=2, out=sys.stdou
                 share = (r["train_s"] - base["train_s"]) / r["train_s"]
                 row = dict(policy=policy, memory_format=memory_format, batch_norm=impl,
                            train_s=r["train_s"], infer_s=r["infer_s"], bn_share=share,
-                           train_speedup=speedup(impl, "train_s"),
-                           infer_speedup=speedup(impl, "infer_s"),
-                           train_ratios=[t["train_s"] / x["train_s"]
-                                         for t, x in zip(runs["torch"], runs[impl])])
+                           train_speedup=float(np.median(ratios(impl, "train_s"))),
+                           infer_speedup=float(np.median(ratios(impl, "infer_s"))),
+                           train_ratios=ratios(impl, "train_s"))
                 rows.append(row)
                 out.write(f"{policy:>11} {memory_format:>14} {impl:>10} "
                           f"{1e3 * r['train_s']:9.1f} {1e3 * r['infer_s']:9.1f} "
